@@ -1,0 +1,27 @@
+// Package guest generates the machine code each migvisor vCPU runs: small
+// workloads (write, read, idle) in 32-bit protected mode with paging off,
+// where every page the guest writes reaches KVM's dirty ring (guest paging
+// breaks dirty tracking on some hosts). The code is hand-encoded by a tiny
+// assembler (asm.go) and checked against its intended listing with a
+// disassembler in the tests.
+//
+// Each program keeps a 64-byte record in guest memory (layout in record.go):
+// pages touched and passes completed, which the VMM reads while the guest runs
+// (ReadRecord), and ticks-per-page, which the VMM sets (SetTicksPerPage) to
+// pace the guest on its own TSC without any exit to the VMM.
+//
+// Use:
+//
+//	code, err := guest.Program(guest.Params{Mode: guest.ModeWrite,
+//		RegionBase: base, RegionSize: size, RecordAddr: guest.RecordAddr(cpu)})
+//	copy(mem[guest.CodeAddr(cpu):], code)
+//	guest.InitRecord(mem, guest.RecordAddr(cpu), guest.TicksPerPage(rate, tscHz))
+//	kvm.SetupProtectedMode(vcpu, uint32(guest.CodeAddr(cpu)), 0)
+//	... run the vCPU; guest.ReadRecord(mem, guest.RecordAddr(cpu)) at any time
+//
+// tscHz is the guest TSC frequency: kvm's VCPU.TSCKHz()*1000.
+//
+// The write workload dirties exactly its region's pages and its record's
+// page; the read workload only its record's page; idle writes its record once
+// and then exits to the VMM with HLT each time it is run.
+package guest

@@ -1,0 +1,46 @@
+// Package kvm is migvisor's thin, safe-to-call wrapper over the Linux KVM API
+// on x86-64. It is the only package in migvisor that issues KVM ioctls or
+// touches memory shared with the kernel (the vCPU's kvm_run page and its dirty
+// ring), so every unsafe pointer and every C layout lives here.
+//
+// Typical use:
+//
+//	sys, err := kvm.Open()                  // or kvm.Available() to decide on a fallback
+//	vm, err := sys.CreateVM()
+//	err = vm.EnableDirtyRing(4096)          // optional, before any vCPU
+//	err = vm.SetMemoryRegion(0, 0, mem, true) // mem from unix.Mmap, not the Go heap
+//	vcpu, err := vm.CreateVCPU(0)
+//	err = kvm.SetupProtectedMode(vcpu, entry, stack)
+//	for { err = vcpu.Run(); switch vcpu.ExitReason() { ... } }
+//
+// # Threads and kicks
+//
+// A vCPU runs on the OS thread that calls Run, so its goroutine must hold
+// runtime.LockOSThread and publish unix.Gettid(). Kick(tid) makes that thread
+// leave KVM_RUN: it sets kvm_run.immediate_exit (covers a thread that is just
+// about to enter KVM_RUN) and sends KickSignal (SIGURG) with tgkill (covers a
+// thread already inside). Run then returns an error that matches unix.EINTR.
+// SIGURG is the signal the Go runtime itself uses for goroutine preemption:
+// its handler is always installed and a stray one is harmless, so no signal
+// needs reserving. The vCPU loop must call SetImmediateExit(false) after an
+// EINTR, before it looks at why it was kicked; the kicker publishes its reason
+// before calling Kick. Run may also return EINTR for signals nobody asked for
+// (the runtime sends SIGURG on its own), so a loop treats EINTR as "check your
+// requests and run again".
+//
+// # Dirty ring
+//
+// With EnableDirtyRing, every vCPU gets a ring of kvm_dirty_gfn entries
+// (VCPU.Ring). A harvester calls DirtyRing.Harvest while the vCPU runs, then
+// VM.ResetDirtyRings, and only then reads the contents of the harvested pages.
+// Harvest and ResetDirtyRings must be serialised (one reaper goroutine); Harvest
+// of different rings may run concurrently with each other and with Run. The
+// ring's soft-full exit (ExitDirtyRingFull) is not reliable on every host (see
+// the host notes): harvest often enough that the ring never fills.
+//
+// Without a ring, SetMemoryRegion(..., logDirty=true) and VM.GetDirtyLog give
+// the classic bitmap interface instead.
+//
+// Errors wrap the errno and name the ioctl: "KVM_CREATE_VCPU: invalid
+// argument", and errors.Is(err, unix.EINVAL) holds.
+package kvm
