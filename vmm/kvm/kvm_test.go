@@ -1,0 +1,452 @@
+package kvm
+
+import (
+	"encoding/binary"
+	"errors"
+	"os"
+	"runtime"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+)
+
+// requireKVM skips when this machine has no /dev/kvm at all; any other failure
+// to use it is a test failure.
+func requireKVM(tb testing.TB) {
+	tb.Helper()
+	if _, err := os.Stat(DevicePath); errors.Is(err, os.ErrNotExist) {
+		tb.Skipf("%s is absent: KVM tests need it", DevicePath)
+	}
+	require.NoError(tb, Available())
+}
+
+const (
+	testMemSize = 32 << 20
+	testCode    = 0x1000
+	testData    = 0x100000 // 1 MiB
+)
+
+// newTestVM makes a VM with testMemSize bytes of dirty-logged guest memory at
+// 0 in slot 0 and, if ring > 0, a dirty ring of that many entries.
+func newTestVM(tb testing.TB, ring int) (*VM, []byte) {
+	tb.Helper()
+	requireKVM(tb)
+	sys, err := Open()
+	require.NoError(tb, err)
+	tb.Cleanup(func() { sys.Close() })
+	vm, err := sys.CreateVM()
+	require.NoError(tb, err)
+	tb.Cleanup(func() { vm.Close() })
+	mem, err := unix.Mmap(-1, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	require.NoError(tb, err)
+	tb.Cleanup(func() { unix.Munmap(mem) })
+	if ring > 0 {
+		require.NoError(tb, vm.EnableDirtyRing(ring))
+	}
+	require.NoError(tb, vm.SetMemoryRegion(0, 0, mem, true))
+	return vm, mem
+}
+
+// newTestVCPU loads code at testCode and points a protected-mode vCPU at it.
+func newTestVCPU(tb testing.TB, vm *VM, mem []byte, code []byte) *VCPU {
+	tb.Helper()
+	copy(mem[testCode:], code)
+	c, err := vm.CreateVCPU(0)
+	require.NoError(tb, err)
+	require.NoError(tb, SetupProtectedMode(c, testCode, testCode))
+	return c
+}
+
+// Hand-assembled 32-bit test programs.
+func progHLT() []byte { return []byte{0xb8, 0x42, 0, 0, 0, 0xf4} } // mov eax, 0x42; hlt
+
+func progOut() []byte { return []byte{0xb0, 0x5a, 0xe6, 0x10, 0xf4} } // mov al, 0x5a; out 0x10, al; hlt
+
+// progWritePages writes n pages, stride bytes apart, from base, then halts:
+//
+//	mov edi, base; mov ecx, n
+//	l: mov [edi], ecx; add edi, stride; dec ecx; jnz l
+//	hlt
+func progWritePages(base, n, stride uint32) []byte {
+	p := []byte{0xbf}
+	p = binary.LittleEndian.AppendUint32(p, base)
+	p = append(p, 0xb9)
+	p = binary.LittleEndian.AppendUint32(p, n)
+	p = append(p, 0x89, 0x0f, 0x81, 0xc7)
+	p = binary.LittleEndian.AppendUint32(p, stride)
+	return append(p, 0x49, 0x75, 0xf5, 0xf4)
+}
+
+// progSpin increments the dword at addr forever: l: inc dword [addr]; jmp l.
+func progSpin(addr uint32) []byte {
+	p := binary.LittleEndian.AppendUint32([]byte{0xff, 0x05}, addr)
+	return append(p, 0xeb, 0xf8)
+}
+
+// onVCPUThread runs fn on a goroutine locked to its OS thread, with the
+// thread's id, and returns a channel closed when fn returns.
+func onVCPUThread(fn func(tid int)) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		fn(unix.Gettid())
+	}()
+	return done
+}
+
+func TestAvailable(t *testing.T) {
+	requireKVM(t)
+	sys, err := Open()
+	require.NoError(t, err)
+	defer sys.Close()
+	assert.Positive(t, sys.VCPUMmapSize())
+	n, err := sys.CheckExtension(CapImmediateExit)
+	require.NoError(t, err)
+	assert.Positive(t, n, "KVM_CAP_IMMEDIATE_EXIT")
+}
+
+func TestRunHLT(t *testing.T) {
+	vm, mem := newTestVM(t, 0)
+	c := newTestVCPU(t, vm, mem, progHLT())
+	require.NoError(t, runToExit(c))
+	require.Equal(t, ExitHLT, c.ExitReason(), c.ExitDetail())
+	r, err := c.Regs()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(0x42), r.RAX&0xffffffff)
+	assert.Equal(t, uint64(testCode+len(progHLT())), r.RIP)
+	s, err := c.Sregs()
+	require.NoError(t, err)
+	assert.Equal(t, uint64(cr0PE|cr0ET), s.CR0&(cr0PE|cr0ET|1<<31), "protected mode, paging off")
+}
+
+func TestRunIO(t *testing.T) {
+	vm, mem := newTestVM(t, 0)
+	c := newTestVCPU(t, vm, mem, progOut())
+	require.NoError(t, runToExit(c))
+	require.Equal(t, ExitIO, c.ExitReason(), c.ExitDetail())
+	io, err := c.IO()
+	require.NoError(t, err)
+	assert.Equal(t, IO{Direction: IOOut, Size: 1, Port: 0x10, Count: 1, Data: []byte{0x5a}}, io)
+	require.NoError(t, runToExit(c))
+	assert.Equal(t, ExitHLT, c.ExitReason())
+	_, err = c.IO()
+	assert.Error(t, err, "IO after a HLT exit")
+}
+
+func TestErrors(t *testing.T) {
+	vm, mem := newTestVM(t, 0)
+	newTestVCPU(t, vm, mem, progHLT())
+	tests := []struct {
+		name  string
+		do    func() error
+		errno unix.Errno
+		text  string
+	}{
+		{"duplicate vCPU id", func() error { _, err := vm.CreateVCPU(0); return err },
+			unix.EEXIST, "KVM_CREATE_VCPU: file exists"},
+		{"dirty log of a missing slot", func() error { return vm.GetDirtyLog(9, make([]uint64, 1)) },
+			unix.ENOENT, "KVM_GET_DIRTY_LOG: no such file or directory"},
+		{"reset rings without rings", func() error { _, err := vm.ResetDirtyRings(); return err },
+			unix.EINVAL, "KVM_RESET_DIRTY_RINGS: invalid argument"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.do()
+			require.Error(t, err)
+			assert.ErrorIs(t, err, tt.errno)
+			assert.EqualError(t, err, tt.text)
+			var kerr *Error
+			assert.ErrorAs(t, err, &kerr)
+		})
+	}
+	assert.Error(t, vm.EnableDirtyRing(1024), "a ring after the first vCPU")
+}
+
+func TestEnableDirtyRingArguments(t *testing.T) {
+	tests := []struct {
+		name    string
+		entries int
+	}{
+		{"zero", 0},
+		{"not a power of two", 1000},
+		{"beyond the host limit", 1 << 30},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			vm, _ := newTestVM(t, 0)
+			assert.Error(t, vm.EnableDirtyRing(tt.entries))
+			assert.Equal(t, 0, vm.RingEntries())
+		})
+	}
+	vm, _ := newTestVM(t, 1024)
+	assert.Equal(t, 1024, vm.RingEntries())
+	assert.Error(t, vm.EnableDirtyRing(1024), "enabling twice")
+}
+
+// wantPages lists the guest page numbers progWritePages(base, n, stride) writes.
+func wantPages(base, n, stride uint32) []uint64 {
+	var w []uint64
+	for i := uint32(0); i < n; i++ {
+		w = append(w, uint64(base+i*stride)/PageSize)
+	}
+	return w
+}
+
+// assertPages checks that got is exactly want, reporting a short summary of
+// the difference rather than thousands of page numbers.
+func assertPages(t *testing.T, want []uint64, got map[uint64]bool) {
+	t.Helper()
+	var missing, extra []uint64
+	w := map[uint64]bool{}
+	for _, p := range want {
+		w[p] = true
+		if !got[p] {
+			missing = append(missing, p)
+		}
+	}
+	for p := range got {
+		if !w[p] {
+			extra = append(extra, p)
+		}
+	}
+	sort.Slice(extra, func(i, j int) bool { return extra[i] < extra[j] })
+	assert.Empty(t, head(missing), "%d pages written but not reported", len(missing))
+	assert.Empty(t, head(extra), "%d pages reported but not written", len(extra))
+}
+
+func head(s []uint64) []uint64 {
+	if len(s) > 10 {
+		return s[:10]
+	}
+	return s
+}
+
+// A guest writes a known set of pages while another goroutine harvests and
+// resets the ring; the union of what was harvested is exactly that set.
+func TestDirtyRingHarvestWhileRunning(t *testing.T) {
+	const entries = 1024
+	vm, mem := newTestVM(t, entries)
+	const n, stride = 3000, 2 * PageSize // about three rings' worth
+	c := newTestVCPU(t, vm, mem, progWritePages(testData, n, stride))
+	ring := c.Ring()
+	require.NotNil(t, ring)
+	assert.Equal(t, entries, ring.Size())
+
+	got := map[uint64]bool{}
+	var harvestErr error
+	record := func(slot uint32, off uint64) {
+		assert.Equal(t, uint32(0), slot)
+		got[off] = true
+	}
+	harvest := func() {
+		_, err := ring.Harvest(record)
+		if err != nil && harvestErr == nil {
+			harvestErr = err
+		}
+		_, err = vm.ResetDirtyRings()
+		require.NoError(t, err)
+	}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for !stop.Load() {
+			harvest()
+			runtime.Gosched()
+		}
+	})
+	fullExits := 0
+	<-onVCPUThread(func(int) {
+		for {
+			require.NoError(t, runToExit(c))
+			if c.ExitReason() != ExitDirtyRingFull {
+				break
+			}
+			// The harvester is behind: let it catch up and go on, as a VMM
+			// does (its reaper harvests; the vCPU re-enters).
+			fullExits++
+			runtime.Gosched()
+		}
+		assert.Equal(t, ExitHLT, c.ExitReason(), c.ExitDetail())
+	})
+	t.Logf("%d ring-full exits", fullExits)
+	stop.Store(true)
+	wg.Wait()
+	harvest() // what came after the harvester's last pass
+	require.NoError(t, harvestErr)
+	assertPages(t, wantPages(testData, n, stride), got)
+}
+
+// Without a ring, the bitmap shows exactly the written pages, once.
+func TestDirtyLogBitmap(t *testing.T) {
+	vm, mem := newTestVM(t, 0)
+	const n, stride = 100, 3 * PageSize
+	c := newTestVCPU(t, vm, mem, progWritePages(testData, n, stride))
+	bitmap := make([]uint64, testMemSize/PageSize/64)
+	require.NoError(t, vm.GetDirtyLog(0, bitmap)) // start from a clean log
+	require.NoError(t, runToExit(c))
+	require.Equal(t, ExitHLT, c.ExitReason(), c.ExitDetail())
+	require.NoError(t, vm.GetDirtyLog(0, bitmap))
+	got := map[uint64]bool{}
+	for w, bits := range bitmap {
+		for b := 0; b < 64; b++ {
+			if bits&(1<<b) != 0 {
+				got[uint64(w*64+b)] = true
+			}
+		}
+	}
+	assertPages(t, wantPages(testData, n, stride), got)
+	require.NoError(t, vm.GetDirtyLog(0, bitmap))
+	assert.Equal(t, make([]uint64, len(bitmap)), bitmap, "cleared by the previous read")
+	assert.Error(t, vm.GetDirtyLog(0, bitmap[:1]), "bitmap too small for the slot")
+}
+
+// fakeEntry publishes a ring entry as the kernel would.
+func fakeEntry(r *DirtyRing, i uint32, slot uint32, off uint64) {
+	e := &r.entries[i&r.mask]
+	e.Slot, e.Offset = slot, off
+	atomic.StoreUint32(&e.Flags, dirtyGFNDirty)
+}
+
+func TestHarvestInconsistent(t *testing.T) {
+	tests := []struct {
+		name  string
+		fill  func(r *DirtyRing) // entries the "kernel" publishes
+		wantN int
+	}{
+		{"unknown slot", func(r *DirtyRing) {
+			fakeEntry(r, 0, 0, 5)
+			fakeEntry(r, 1, 3, 5)
+			fakeEntry(r, 2, 0, 6)
+		}, 2},
+		{"offset past the slot", func(r *DirtyRing) {
+			fakeEntry(r, 0, 0, testMemSize/PageSize)
+		}, 0},
+		{"more dirty entries than the ring between resets", func(r *DirtyRing) {
+			for i := uint32(0); i < uint32(r.Size()); i++ {
+				fakeEntry(r, i, 0, uint64(i))
+			}
+			n, err := r.Harvest(func(uint32, uint64) {})
+			require.NoError(t, err)
+			require.Equal(t, r.Size(), n)
+			fakeEntry(r, uint32(r.Size()), 0, 1)
+		}, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			vm, mem := newTestVM(t, 1024)
+			c := newTestVCPU(t, vm, mem, progHLT())
+			r := c.Ring()
+			tt.fill(r)
+			n, err := r.Harvest(func(uint32, uint64) {})
+			assert.ErrorIs(t, err, ErrRingInconsistent)
+			assert.Equal(t, tt.wantN, n)
+			n, err = r.Harvest(func(uint32, uint64) {})
+			assert.NoError(t, err, "the bad entry was collected")
+			assert.Zero(t, n)
+		})
+	}
+}
+
+// runToExit runs c until an exit other than a signal's EINTR (the Go runtime
+// interrupts threads on its own, e.g. for preemption).
+func runToExit(c *VCPU) error {
+	for {
+		err := c.Run()
+		if !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
+}
+
+// spinner is a vCPU running progSpin on its own thread.
+type spinner struct {
+	c       *VCPU
+	tid     int
+	counter *uint32        // the guest's counter
+	kicking atomic.Bool    // a kick was requested: an EINTR now is ours
+	results chan runResult // one per kick
+}
+
+// runResult is what Run returned for a kick, and when.
+type runResult struct {
+	err error
+	at  time.Time
+}
+
+// startSpinner runs progSpin on a vCPU thread, which re-enters the guest after
+// EINTRs nobody asked for and reports each requested one, kicks times over.
+func startSpinner(tb testing.TB, kicks int) *spinner {
+	vm, mem := newTestVM(tb, 0)
+	s := &spinner{
+		c:       newTestVCPU(tb, vm, mem, progSpin(testData)),
+		counter: (*uint32)(unsafe.Pointer(&mem[testData])),
+		results: make(chan runResult),
+	}
+	tids := make(chan int)
+	onVCPUThread(func(tid int) {
+		tids <- tid
+		for i := 0; i < kicks; {
+			err := s.c.Run()
+			at := time.Now()
+			if errors.Is(err, unix.EINTR) && !s.kicking.Load() {
+				continue // the runtime's own signal
+			}
+			s.c.SetImmediateExit(false)
+			s.kicking.Store(false)
+			s.results <- runResult{err, at}
+			i++
+		}
+	})
+	s.tid = <-tids
+	return s
+}
+
+// inGuest waits until the guest is seen running (its counter moves).
+func (s *spinner) inGuest() {
+	start := atomic.LoadUint32(s.counter)
+	for atomic.LoadUint32(s.counter) == start {
+		runtime.Gosched()
+	}
+}
+
+func TestKick(t *testing.T) {
+	tests := []struct {
+		name string
+		kick func(c *VCPU, tid int) error
+	}{
+		{"Kick", func(c *VCPU, tid int) error { return c.Kick(tid) }},
+		{"signal alone", func(_ *VCPU, tid int) error { return unix.Tgkill(unix.Getpid(), tid, KickSignal) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startSpinner(t, 1)
+			s.inGuest()
+			s.kicking.Store(true)
+			require.NoError(t, tt.kick(s.c, s.tid))
+			err := (<-s.results).err
+			assert.ErrorIs(t, err, unix.EINTR)
+			assert.EqualError(t, err, "KVM_RUN: interrupted system call")
+		})
+	}
+}
+
+// A kick that lands while the vCPU thread is outside KVM_RUN still stops the
+// next entry.
+func TestKickBeforeRun(t *testing.T) {
+	vm, mem := newTestVM(t, 0)
+	c := newTestVCPU(t, vm, mem, progSpin(testData))
+	require.NoError(t, c.Kick(0))
+	err := c.Run()
+	assert.ErrorIs(t, err, unix.EINTR)
+	c.SetImmediateExit(false)
+	assert.Zero(t, mem[testData], "the guest never ran")
+}
