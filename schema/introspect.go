@@ -2,6 +2,7 @@ package schema
 
 import (
 	"encoding/json"
+	"slices"
 	"strconv"
 )
 
@@ -45,7 +46,7 @@ func (s *Schema) Introspect() json.RawMessage {
 		}
 		s.introspection = b
 	})
-	return s.introspection
+	return slices.Clone(s.introspection)
 }
 
 type introspector struct {

@@ -161,12 +161,12 @@ func (v *value) encode(b *bytes.Buffer) {
 
 // qnum is a JSON number as QEMU's parser represents it (QNum): a signed 64-bit integer
 // when the literal is an integer that fits, else an unsigned 64-bit integer when it is a
-// non-negative integer that fits, else a double.
+// non-negative integer that fits, else a double (whose value no integer visitor needs: QEMU
+// refuses doubles for every integer type, even integral ones like 1.0).
 type qnum struct {
 	kind qnumKind
 	i    int64
 	u    uint64
-	f    float64
 }
 
 type qnumKind uint8
@@ -188,11 +188,7 @@ func parseQnum(lit string) qnum {
 			}
 		}
 	}
-	f, err := strconv.ParseFloat(lit, 64)
-	if err != nil && !errors.Is(err, strconv.ErrRange) {
-		f = math.NaN()
-	}
-	return qnum{kind: qnumDouble, f: f}
+	return qnum{kind: qnumDouble}
 }
 
 // int64 is qnum_get_try_int: integers that fit int64.

@@ -18,7 +18,10 @@ import (
 // mandatory member that is absent is reported before any unexpected member, and an object's
 // unexpected members are reported after all of its known members were visited. Paths are
 // QEMU's: "a.b", "a[0].b". Errors about a sized integer, an enum value or an alternate use
-// only the member's own name, or "null" for a list element, as QEMU does.
+// only the member's own name, or "null" for a list element, as QEMU does. An alternate
+// member such as StrOrNull keeps its JSON form (a string or null), so a handler that must
+// tell null from absent decodes it into a json.RawMessage. Validate is safe for concurrent
+// use.
 func (s *Schema) Validate(cmd string, args json.RawMessage) (json.RawMessage, error) {
 	e, ok := s.commands[cmd]
 	if !ok {
