@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"strconv"
 	"strings"
 )
@@ -191,18 +190,8 @@ func parseQnum(lit string) qnum {
 	return qnum{kind: qnumDouble}
 }
 
-// int64 is qnum_get_try_int: integers that fit int64.
-func (q qnum) int64() (int64, bool) {
-	switch q.kind {
-	case qnumI64:
-		return q.i, true
-	case qnumU64:
-		if q.u <= math.MaxInt64 {
-			return int64(q.u), true
-		}
-	}
-	return 0, false
-}
+// int64 is qnum_get_try_int: integers that fit int64 (an unsigned QNum never does).
+func (q qnum) int64() (int64, bool) { return q.i, q.kind == qnumI64 }
 
 // uint64 is QEMU's uint64 input rule: unsigned integers, and negative ones wrapped to two's
 // complement for backward compatibility; doubles are refused even when integral.
