@@ -1,0 +1,36 @@
+// Package dirtylimit is migvisor's per-vCPU dirty page rate limit and dirty-rate meter: the
+// behaviour behind set-vcpu-dirty-limit, cancel-vcpu-dirty-limit, query-vcpu-dirty-limit,
+// calc-dirty-rate and query-dirty-rate, and the dirty-limit migration capability, with QEMU 10's
+// checks, error texts and reply shapes. It is pure logic: it sees the machine through Machine
+// (which *vmm.Machine satisfies), and all time through a Clock.
+//
+//	lim := dirtylimit.NewLimiter(m, dirtylimit.Options{}) // installs its ring-full hook on m
+//	defer lim.Close()
+//	err := lim.Set(nil, 50) // every vCPU to 50 MB/s
+//	meter := dirtylimit.NewMeter(m, dirtylimit.Options{NewDirtyLog: ...})
+//	err = meter.Calc(dirtylimit.CalcArgs{CalcTime: 1, Mode: dirtylimit.DirtyRing})
+//
+// The limit follows QEMU's four steps. Prepare: a goroutine, running while any vCPU is limited,
+// measures every vCPU's rate over each period (1 s; x-vcpu-dirty-limit-period during a dirty-limit
+// migration, through SetPeriod) from the machine's per-vCPU dirty counters. Calculate and set: a
+// penalty per vCPU. Accept: at each ring-full event the machine calls RingFull on the vCPU's own
+// thread, which sleeps the penalty; a vCPU that only reads never fills its ring and never pays.
+//
+// Two algorithms decide the penalty (Options.Algorithm). QEMU is QEMU 10's, step for step, kept as
+// the reference: a per-vCPU sleep adjusted once a period, with a ring-full time taken from a
+// high-water mark of rates that is never reset (so a vCPU that slows down, or shares the machine
+// with a faster one, keeps a wrong ring-full time), a 25 MB/s dead band and a fixed step of a
+// tenth of the ring-full time near the quota (which crawls). Migvisor, the default, paces each
+// ring instead: at a ring-full event it reads how many pages the vCPU dirtied since it was last
+// released and sleeps until those pages, at the quota, are paid for. It needs no model and no
+// period to settle: the first ring is already paced, and a sleep that overran or a counter read late
+// is paid back at the next ring because the release time carries over. The periods then only
+// report (current-rate, and the sleep per ring for query-migrate).
+//
+// The rate a period can show is quantised by the ring: a vCPU drains in bursts of one ring
+// (16 MiB for 4096 entries), so a 1 s period at 50 MB/s holds 3 or 4 rings (48 or 64 MB/s) however
+// the penalty is chosen; the mean over periods is the quota.
+//
+// Any change of limits, Wake and Close cut every penalty being slept short; call Wake before
+// pausing the machine so that no sleeping vCPU holds the pause up.
+package dirtylimit
