@@ -1,0 +1,66 @@
+// Package migration live-migrates a migvisor machine to another migvisor with precopy, as
+// QEMU 10 does, and implements QEMU's migration QMP commands.
+//
+// A Migration (New) owns the capabilities, the parameters and one outgoing and one incoming
+// migration of a machine. It knows the machine through the small Machine interface
+// (vmm.Machine through an adapter in cmd/migvisor), the dirty-limit service through
+// DirtyLimiter, and sends events through Emitter. Its methods are the commands: Migrate,
+// MigrateIncoming (and StartIncoming for -incoming), Cancel, Pause, Query,
+// SetCapabilities/QueryCapabilities, SetParameters/QueryParameters; errors a client sees
+// are *qerr.Error with QEMU's texts (errors.go).
+//
+// # Precopy
+//
+// Setup marks every page dirty and counts the first sync (pass 1). Each iteration sends dirty
+// pages from a cursor for at most 50 ms or until the rate limit (max-bandwidth per 100 ms
+// window) is spent, then an end-of-section record. When the pages left are fewer than the
+// switch-over threshold (measured bandwidth × downtime-limit) the dirty log is synced again
+// (a new pass); when they still fit, the guest is stopped (finish-migrate, STOP), the state
+// goes to device, a last sync runs, and the rest goes out with the vCPU state and the digest.
+// Syncing harvests the dirty log before any page it reports is read, so a page written after
+// its harvest is seen by the next sync. Status: none → setup → active → device → completed;
+// MIGRATION and MIGRATION_PASS events with the events capability. The source ends in
+// postmigrate; on failure or cancel it ends failed or cancelled with the guest as it was
+// (RESUME if the migration had stopped it).
+//
+// Convergence: every sync more than a second after the last period start compares what the
+// guest dirtied with what was sent; two high periods in a row throttle the guest, either by
+// auto-converge (a CPU throttle of cpu-throttle-initial, then +increment up to
+// max-cpu-throttle, served as p/(1−p) × 10 ms of sleep per 10 ms slice on each vCPU's thread
+// through the machine's hook) or, with the dirty-limit capability, by giving every vCPU the
+// vcpu-dirty-limit with period x-vcpu-dirty-limit-period. Unlike QEMU, limits the migration
+// set are lifted when it ends whatever the outcome, and limits the user set before the
+// migration are left as they were (the migration does not override them).
+//
+// # Transports
+//
+// unix:PATH, tcp:HOST:PORT, exec:CMD (through /bin/sh -c; the stream is the command's stdin
+// on the source and its stdout on the destination) and file:PATH[,offset=N] (migrate saves,
+// -incoming restores), or the same as QEMU's "channels". Sockets carry a return path: the
+// destination refuses with its reason, or acknowledges a verified stream and then waits for
+// the source's go-ahead before it runs the guest, so that exactly one side runs it.
+//
+// # Stream format, version 1
+//
+// All integers are big-endian.
+//
+//	header   "MIGVISOR" | u32 version (1) | u32 flags (bit 0: return path)
+//	         | u64 memory size | u32 vCPUs | u32 page size (4096)
+//	         | u32 n | n bytes workloads description | u32 CRC32C of all the above
+//	records  any number of:
+//	  0x01 RAM   u8 flags (bit 0: zero) | u64 first page | u32 count (1..65536)
+//	             | count × page size bytes unless zero
+//	  0x02 EOS   u64 pass (the end of one iteration; the sender's dirty-sync count)
+//	  0x03 CPU   u32 n | n bytes of vCPU state (opaque to migration, versioned by the machine)
+//	  0x04 END   32 bytes digest (the last record of the stream)
+//	go-ahead 0x05, after the destination's acknowledgement (return path only)
+//	return path, destination to source: 'A' u32 0 (verified and loaded)
+//	                                  | 'R' u32 n, n bytes reason (refused)
+//
+// The digest is SHA-256 over the memory size (u64) and the CRC32C of each 1 MiB chunk of
+// guest memory as the source had it when it stopped; the chunks are checksummed in parallel
+// (tens of GB/s with SSE4.2) so that it costs little downtime. The receiver refuses another
+// version, a bad header checksum, a different memory size, vCPU count, page size or (when it
+// knows its own) workloads description, records out of bounds, a truncated stream, and a
+// digest that differs from its memory's; it never runs a guest from such a stream.
+package migration

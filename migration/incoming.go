@@ -1,0 +1,229 @@
+package migration
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// IncomingArgs is migrate-incoming's argument.
+type IncomingArgs struct {
+	URI         *string   `json:"uri"`
+	Channels    []Channel `json:"channels"`
+	ExitOnError *bool     `json:"exit-on-error"`
+}
+
+// ErrDigestMismatch is the destination's refusal of memory that differs from the source's.
+var ErrDigestMismatch = errors.New("memory digest mismatch: the guest memory received differs from the source's")
+
+// MigrateIncoming is migrate-incoming: listen (or open, or run) now, receive in the
+// background. MIGRATION setup is emitted before the reply.
+func (m *Migration) MigrateIncoming(a IncomingArgs) error {
+	addr, err := pickAddress(a.URI, a.Channels)
+	if err != nil {
+		return err
+	}
+	exit := a.ExitOnError == nil || *a.ExitOnError
+	return m.startIncoming(addr, exit)
+}
+
+// StartIncoming starts the destination for `-incoming URI` ("defer" waits for
+// migrate-incoming). A failed migration then exits (IncomingFailed), as QEMU's does.
+func (m *Migration) StartIncoming(uri string) error {
+	if uri == "defer" {
+		return nil
+	}
+	addr, err := ParseURI(uri)
+	if err != nil {
+		return err
+	}
+	return m.startIncoming(addr, true)
+}
+
+func (m *Migration) startIncoming(addr Address, exitOnError bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.incomingStarted {
+		return errIncomingStarted
+	}
+	if !m.cfg.Incoming || m.cfg.Machine.RunState() != RunInmigrate {
+		return errNoIncoming
+	}
+	l, err := listen(addr)
+	if err != nil {
+		return err
+	}
+	d := &incomingRun{m: m, l: l, addrs: l.addresses(), events: m.caps["events"], exitOnError: exitOnError,
+		done: make(chan struct{})}
+	m.incomingStarted = true
+	m.dst = d
+	d.setState(StatusSetup)
+	go d.run()
+	return nil
+}
+
+// IncomingDone returns a channel closed when the current incoming migration has ended, nil
+// if none was started.
+func (m *Migration) IncomingDone() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.dst == nil {
+		return nil
+	}
+	return m.dst.done
+}
+
+// Close stops a destination that is still waiting. Outgoing migrations are cancelled.
+func (m *Migration) Close() error {
+	m.mu.Lock()
+	d := m.dst
+	m.mu.Unlock()
+	if d != nil {
+		d.l.Close()
+	}
+	return m.Cancel()
+}
+
+// incomingRun is one incoming migration.
+type incomingRun struct {
+	m           *Migration
+	l           listener
+	events      bool
+	exitOnError bool
+	done        chan struct{}
+
+	mu      sync.Mutex
+	state   string
+	errDesc string
+	addrs   []SocketAddress
+	dec     *Decoder
+}
+
+func (d *incomingRun) setState(s string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.state = s
+	if s != StatusSetup && s != StatusActive {
+		d.addrs = nil
+	}
+	d.m.emitMigration(d.events, "MIGRATION", map[string]any{"status": s})
+}
+
+// fill is fill_destination_migration_info.
+func (d *incomingRun) fill(info *MigrationInfo) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	info.SocketAddress = d.addrs
+	info.Status = d.state
+	if d.state == StatusFailed {
+		info.ErrorDesc = d.errDesc
+	}
+}
+
+func (d *incomingRun) run() {
+	defer close(d.done)
+	err := d.receive()
+	if err == nil {
+		d.setState(StatusCompleted)
+		return
+	}
+	m := d.m
+	m.cfg.Logf("incoming migration failed: %v", err)
+	d.mu.Lock()
+	d.errDesc = err.Error()
+	d.mu.Unlock()
+	d.setState(StatusFailed)
+	if d.exitOnError && m.cfg.IncomingFailed != nil {
+		m.cfg.IncomingFailed(err)
+		return
+	}
+	// Stay in inmigrate, never running the half-received guest, ready for another try.
+	m.mu.Lock()
+	m.incomingStarted = false
+	m.mu.Unlock()
+}
+
+// receive loads one stream into the machine and runs the guest only once the stream is
+// whole, the digest matches, the vCPU state is loaded and (with a return path) the source
+// has committed.
+func (d *incomingRun) receive() error {
+	c, err := d.l.accept()
+	if err != nil {
+		return fmt.Errorf("waiting for the source: %w", err)
+	}
+	d.setState(StatusActive)
+	reply := c.replyTo()
+	returnPath := false
+	err = d.load(c, reply != nil, &returnPath)
+	if err != nil {
+		if returnPath {
+			writeReply(reply, err)
+			drain(c, c)
+		} else {
+			c.Close()
+		}
+		return err
+	}
+	if returnPath {
+		if err := writeReply(reply, nil); err != nil {
+			c.Close()
+			return fmt.Errorf("acknowledging to the source: %w", err)
+		}
+		dec := d.dec
+		if err := dec.ReadGo(); err != nil {
+			c.Close()
+			return fmt.Errorf("the source did not commit the migration: %w", err)
+		}
+	}
+	c.Close()
+	mach := d.m.cfg.Machine
+	if d.m.cfg.Autostart {
+		if err := mach.Resume(); err != nil {
+			return err
+		}
+	} else {
+		mach.SetRunState(RunPaused)
+	}
+	return nil
+}
+
+func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
+	mach := d.m.cfg.Machine
+	d.dec = NewDecoder(c)
+	h, err := d.dec.ReadHeader()
+	if err != nil {
+		return err
+	}
+	*returnPath = canReply && h.Flags&FlagReturnPath != 0
+	if h.Flags&^FlagReturnPath != 0 {
+		return streamErr("unknown header flags %#x", h.Flags)
+	}
+	mem := mach.Memory()
+	want := MachineConfig{MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
+		Workloads: d.m.cfg.Workloads}
+	if err := CheckConfig(h.Config, want); err != nil {
+		return err
+	}
+	var cpu []byte
+	for {
+		rec, err := d.dec.Next(mem)
+		if err != nil {
+			return err
+		}
+		switch rec.Kind {
+		case KindCPU:
+			cpu = append(cpu[:0], rec.CPU...)
+		case KindTrailer:
+			if cpu == nil {
+				return streamErr("the stream ended without the vCPU state")
+			}
+			if MemoryDigest(mem) != rec.Digest {
+				return ErrDigestMismatch
+			}
+			if err := mach.LoadCPU(cpu); err != nil {
+				return fmt.Errorf("loading the vCPU state: %w", err)
+			}
+			return nil
+		}
+	}
+}

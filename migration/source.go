@@ -1,0 +1,667 @@
+package migration
+
+import (
+	"context"
+	"errors"
+	"math/bits"
+	"sync"
+	"time"
+
+	"github.com/migvisor/migvisor/qerr"
+)
+
+// MigrateArgs is migrate's argument (detach is accepted and ignored, as QEMU does).
+type MigrateArgs struct {
+	URI      *string   `json:"uri"`
+	Channels []Channel `json:"channels"`
+	Detach   *bool     `json:"detach"`
+	Resume   *bool     `json:"resume"`
+}
+
+var errCancelled = errors.New("migration cancelled")
+
+const (
+	bufferDelay  = 100 * time.Millisecond // QEMU's BUFFER_DELAY: bandwidth window and rate-limit slice
+	maxIterWait  = 50 * time.Millisecond  // QEMU's MAX_WAIT for one iteration
+	syncPeriod   = time.Second            // dirty-rate and throttle-trigger period
+	runPages     = 64                     // largest page run the sender builds
+	defaultDLPer = time.Second            // the dirty-limit period outside migration
+)
+
+// Migrate is migrate: checks, then the migration runs in the background; MIGRATION setup is
+// emitted before the reply.
+func (m *Migration) Migrate(a MigrateArgs) error {
+	addr, err := pickAddress(a.URI, a.Channels)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if a.Resume != nil && *a.Resume {
+		return errNoPausedResume
+	}
+	if m.running() {
+		return errInProgress
+	}
+	switch m.cfg.Machine.RunState() {
+	case RunInmigrate:
+		return errWaitingIncoming
+	case RunPostmigrate:
+		return errPostmigrate
+	}
+	switch m.params.Mode {
+	case "normal":
+	case "cpr-transfer":
+		return errCPRMode
+	default:
+		return errUnsupportedParameter("mode", m.params.Mode)
+	}
+	if m.params.TLSCreds != "" {
+		return qerr.Generic("No TLS credentials with id '%s'", m.params.TLSCreds)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &sourceRun{
+		m: m, addr: addr, ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		events:       m.caps["events"],
+		autoConverge: m.caps["auto-converge"],
+		dirtyLimit:   m.caps["dirty-limit"] && m.cfg.Limiter != nil,
+		start:        time.Now(),
+		expected:     int64(m.params.DowntimeLimit),
+		zeroCheck:    m.params.ZeroPageDetection != "none",
+	}
+	r.stats.PageSize = PageSize
+	r.stats.Total = int64(len(m.cfg.Machine.Memory()))
+	if r.dirtyLimit {
+		l := m.cfg.Limiter
+		r.userLimits = l.InService()
+		l.SetMigrationActive(true)
+		l.SetPeriod(time.Duration(m.params.XVCPUDirtyLimitPeriod) * time.Millisecond)
+	}
+	m.src = r
+	r.setState(StatusSetup)
+	go r.run()
+	return nil
+}
+
+// Cancel is migrate_cancel: {} always; a running migration goes cancelling, then cancelled
+// with the guest as it was.
+func (m *Migration) Cancel() error {
+	m.mu.Lock()
+	r := m.src
+	m.mu.Unlock()
+	if r != nil {
+		r.requestCancel()
+	}
+	return nil
+}
+
+// Done returns a channel closed when the current (or last) outgoing migration has ended,
+// nil if there was none.
+func (m *Migration) Done() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.src == nil {
+		return nil
+	}
+	return m.src.done
+}
+
+// sourceRun is one outgoing migration.
+type sourceRun struct {
+	m            *Migration
+	addr         Address
+	ctx          context.Context
+	cancel       context.CancelFunc
+	done         chan struct{}
+	events       bool
+	autoConverge bool
+	dirtyLimit   bool
+	userLimits   bool // dirty limits were in service before: migration leaves them alone
+	zeroCheck    bool
+
+	// owned by the migration goroutine
+	paused    bool
+	oldState  string
+	dlApplied bool
+	dlQuota   uint64
+	throttle  *throttle
+	replies   chan error
+	downStart time.Time
+
+	mu              sync.Mutex
+	state           string
+	errDesc         string
+	cancelRequested bool
+	committed       bool
+	out             outgoing
+	start           time.Time
+	setupTime       int64
+	totalTime       int64
+	downtime        int64
+	expected        int64
+	throttlePct     int64
+	stats           MigrationStats
+}
+
+func (r *sourceRun) isRunning() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch r.state {
+	case StatusSetup, StatusActive, StatusCancelling, StatusDevice:
+		return true
+	}
+	return false
+}
+
+func (r *sourceRun) setState(s string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.setStateLocked(s)
+}
+
+func (r *sourceRun) setStateLocked(s string) {
+	r.state = s
+	r.m.emitMigration(r.events, "MIGRATION", map[string]any{"status": s})
+}
+
+func (r *sourceRun) requestCancel() {
+	r.mu.Lock()
+	switch r.state {
+	case StatusSetup, StatusActive, StatusDevice:
+	default:
+		r.mu.Unlock()
+		return
+	}
+	if r.committed {
+		r.mu.Unlock()
+		return
+	}
+	r.cancelRequested = true
+	r.setStateLocked(StatusCancelling)
+	out := r.out
+	r.mu.Unlock()
+	r.cancel()
+	if out != nil {
+		out.abort()
+	}
+}
+
+func (r *sourceRun) run() {
+	err := r.precopy()
+	r.finish(err)
+}
+
+// finish leaves the guest as the migration found it unless it completed, lifts what the
+// migration imposed, and records the outcome.
+func (r *sourceRun) finish(err error) {
+	mach := r.m.cfg.Machine
+	r.stopThrottle()
+	r.liftLimits()
+	if err == nil {
+		end := time.Now()
+		r.mu.Lock()
+		r.totalTime = end.Sub(r.start).Milliseconds()
+		r.downtime = end.Sub(r.downStart).Milliseconds()
+		if t := r.totalTime - r.setupTime; t > 0 {
+			r.stats.Mbps = float64(r.stats.Transferred) * 8 / float64(t) / 1000
+		}
+		r.stats.Remaining = 0
+		r.stats.DirtyPagesRate = 0
+		r.mu.Unlock()
+		mach.SetRunState(RunPostmigrate)
+		r.setState(StatusCompleted)
+		r.cancel()
+		close(r.done)
+		return
+	}
+	r.mu.Lock()
+	out, cancelled := r.out, r.cancelRequested
+	r.mu.Unlock()
+	if out != nil {
+		out.abort()
+	}
+	r.cancel()
+	if !cancelled {
+		r.m.cfg.Logf("migration to %s failed: %v", r.addr, err)
+		r.mu.Lock()
+		r.errDesc = err.Error()
+		r.setStateLocked(StatusFailed)
+		r.mu.Unlock()
+	}
+	if r.paused {
+		if r.oldState == RunRunning {
+			if rerr := mach.Resume(); rerr != nil {
+				r.m.cfg.Logf("migration: cannot resume the guest: %v", rerr)
+			}
+		} else {
+			mach.SetRunState(r.oldState)
+		}
+	}
+	if cancelled {
+		r.setState(StatusCancelled)
+	}
+	close(r.done)
+}
+
+// precopy is the migration thread: setup, iterations, completion. Any error fails it.
+func (r *sourceRun) precopy() error {
+	mach := r.m.cfg.Machine
+	out, err := dial(r.ctx, r.addr)
+	if err != nil {
+		if r.ctx.Err() != nil {
+			return errCancelled
+		}
+		return err
+	}
+	r.mu.Lock()
+	r.out = out
+	cancelled := r.cancelRequested
+	r.mu.Unlock()
+	if cancelled {
+		return errCancelled
+	}
+	var flags uint32
+	if rp := out.reply(); rp != nil {
+		flags = FlagReturnPath
+		r.replies = make(chan error, 1)
+		go func() { r.replies <- readReply(rp) }()
+	}
+	mem := mach.Memory()
+	s := &sender{
+		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,
+	}
+	err = s.enc.WriteHeader(Header{Version: StreamVersion, Flags: flags, Config: MachineConfig{
+		MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
+		Workloads: r.m.cfg.Workloads,
+	}})
+	if err != nil {
+		return r.ioError(err)
+	}
+	s.log = mach.NewDirtyLog()
+	defer s.log.Close()
+	// Setup: every page is dirty, and the first sync is pass 1.
+	s.bm = make([]uint64, (s.npages+63)/64)
+	for i := range s.bm {
+		s.bm[i] = ^uint64(0)
+	}
+	if rem := s.npages % 64; rem != 0 {
+		s.bm[len(s.bm)-1] = 1<<rem - 1
+	}
+	now := time.Now()
+	s.winStart, s.periodStart = now, now
+	s.sync()
+	r.mu.Lock()
+	r.setupTime = time.Since(r.start).Milliseconds()
+	if r.state == StatusSetup {
+		r.setStateLocked(StatusActive)
+	}
+	r.mu.Unlock()
+	if err := s.iterate(); err != nil {
+		return err
+	}
+	return s.complete()
+}
+
+// ioError prefers the destination's refusal, or the cancellation, to the write error it caused.
+func (r *sourceRun) ioError(err error) error {
+	if r.ctx.Err() != nil {
+		return errCancelled
+	}
+	if r.replies != nil {
+		select {
+		case rerr := <-r.replies:
+			if rerr != nil {
+				var ref *RefusedError
+				if errors.As(rerr, &ref) {
+					return rerr
+				}
+			}
+		case <-time.After(time.Second):
+		}
+	}
+	return err
+}
+
+// earlyReply reports a refusal (or a broken return path) that arrived while sending.
+func (r *sourceRun) earlyReply() error {
+	if r.replies == nil {
+		return nil
+	}
+	select {
+	case err := <-r.replies:
+		if err == nil {
+			return errors.New("the destination acknowledged before the end of the stream")
+		}
+		return err
+	default:
+		return nil
+	}
+}
+
+// sender holds the migration goroutine's view of the precopy.
+type sender struct {
+	r      *sourceRun
+	mach   Machine
+	enc    *Encoder
+	log    DirtyLog
+	mem    []byte
+	bm     []uint64
+	npages int
+	dirty  int
+	cursor int
+
+	winStart   time.Time
+	winBytes   int64
+	winPages   int64
+	limit      int64 // bytes per window, 0 = unlimited
+	threshold  int64
+	stopped    bool
+	stopBytes  int64
+	normal     int64
+	duplicate  int64
+	syncCount  int64
+	dirtyRate  int64
+	lastSync   int64 // dirty bytes at the last sync
+	highCount  int
+	periodPgs  int64
+	periodXfer int64
+
+	periodStart time.Time
+}
+
+func (s *sender) iterate() error {
+	r := s.r
+	s.limit = int64(r.m.paramsNow().MaxBandwidth / 10)
+	for {
+		if r.ctx.Err() != nil {
+			return errCancelled
+		}
+		if err := r.earlyReply(); err != nil {
+			return err
+		}
+		s.tick(time.Now())
+		if s.limit > 0 && s.enc.Written()-s.winBytes >= s.limit {
+			if err := s.enc.Flush(); err != nil {
+				return r.ioError(err)
+			}
+			select {
+			case <-time.After(time.Until(s.winStart.Add(bufferDelay))):
+			case <-r.ctx.Done():
+				return errCancelled
+			}
+			continue
+		}
+		pending := int64(s.dirty) * PageSize
+		if pending < s.threshold {
+			s.sync()
+			pending = int64(s.dirty) * PageSize
+		}
+		if pending == 0 || pending < s.threshold {
+			return nil
+		}
+		if err := s.send(time.Now().Add(maxIterWait), true); err != nil {
+			return err
+		}
+		if err := s.enc.WriteEndOfSection(uint64(s.syncCount)); err != nil {
+			return r.ioError(err)
+		}
+		if err := s.enc.Flush(); err != nil {
+			return r.ioError(err)
+		}
+	}
+}
+
+// tick closes a bandwidth window every 100 ms: bandwidth, switch-over threshold, mbps,
+// pages per second, expected downtime, and the rate limit from the current max-bandwidth.
+func (s *sender) tick(now time.Time) {
+	el := now.Sub(s.winStart)
+	if el < bufferDelay {
+		return
+	}
+	ms := float64(el) / float64(time.Millisecond)
+	bytes := s.enc.Written() - s.winBytes
+	bw := float64(bytes) / ms
+	p := s.r.m.paramsNow()
+	switchBW := bw
+	if p.AvailSwitchoverBandwidth != 0 {
+		switchBW = float64(p.AvailSwitchoverBandwidth) / 1000
+	}
+	s.threshold = int64(switchBW * float64(p.DowntimeLimit))
+	s.limit = int64(p.MaxBandwidth / 10)
+	r := s.r
+	r.mu.Lock()
+	r.stats.Mbps = float64(bytes) * 8 / (ms / 1000) / 1e6
+	r.stats.PagesPerSecond = uint64(float64(s.winPages) * 1000 / ms)
+	if s.dirtyRate != 0 && bytes > 10000 && bw > 0 {
+		r.expected = int64(float64(s.lastSync) / bw)
+	}
+	r.mu.Unlock()
+	s.winStart, s.winBytes, s.winPages = now, s.enc.Written(), 0
+}
+
+// sync is migration_bitmap_sync: harvest the dirty log into the bitmap, a new pass.
+func (s *sender) sync() {
+	r := s.r
+	added := s.log.Sync(s.bm)
+	n := 0
+	for _, w := range s.bm {
+		n += bits.OnesCount64(w)
+	}
+	s.dirty = n
+	s.syncCount++
+	s.periodPgs += int64(added)
+	s.lastSync = int64(n) * PageSize
+	now := time.Now()
+	if el := now.Sub(s.periodStart); el > syncPeriod {
+		if !s.stopped {
+			s.triggerThrottle()
+		}
+		s.dirtyRate = s.periodPgs * 1000 / el.Milliseconds()
+		s.periodStart, s.periodPgs, s.periodXfer = now, 0, s.enc.Written()
+	}
+	r.mu.Lock()
+	r.stats.DirtySyncCount = s.syncCount
+	r.stats.DirtyPagesRate = s.dirtyRate
+	r.stats.Remaining = s.lastSync
+	r.m.emitMigration(r.events, "MIGRATION_PASS", map[string]any{"pass": s.syncCount})
+	r.mu.Unlock()
+}
+
+// triggerThrottle is migration_trigger_throttle: when the guest dirtied more than
+// throttle-trigger-threshold % of what was sent in two periods, throttle it.
+func (s *sender) triggerThrottle() {
+	r := s.r
+	if !r.autoConverge && !r.dirtyLimit {
+		return
+	}
+	p := r.m.paramsNow()
+	xfer := s.enc.Written() - s.periodXfer
+	dirtyBytes := s.periodPgs * PageSize
+	threshold := xfer * int64(p.ThrottleTriggerThreshold) / 100
+	if dirtyBytes > threshold {
+		s.highCount++
+		if s.highCount >= 2 {
+			s.highCount = 0
+			if r.autoConverge {
+				r.throttleDown(p, dirtyBytes, threshold)
+			} else if r.dirtyLimit {
+				r.dirtyLimitGuest(p)
+			}
+		}
+	}
+}
+
+// send writes dirty pages from the cursor on until none is left, the deadline passes or
+// (limited) the window's byte budget is spent. Zero pages go as a flag alone.
+func (s *sender) send(deadline time.Time, limited bool) error {
+	r := s.r
+	for s.dirty > 0 {
+		first, n := s.nextRun()
+		if err := s.writeRun(first, n); err != nil {
+			return r.ioError(err)
+		}
+		if limited {
+			if s.limit > 0 && s.enc.Written()-s.winBytes >= s.limit {
+				return nil
+			}
+			if time.Now().After(deadline) {
+				return nil
+			}
+		}
+		if r.ctx.Err() != nil {
+			return errCancelled
+		}
+	}
+	return nil
+}
+
+// nextRun finds the next dirty page at or after the cursor (wrapping) and takes up to
+// runPages consecutive dirty pages, clearing their bits.
+func (s *sender) nextRun() (int, int) {
+	p := s.cursor
+	if p >= s.npages {
+		p = 0
+	}
+	for {
+		w := s.bm[p/64] >> (p % 64)
+		if w != 0 {
+			p += bits.TrailingZeros64(w)
+			break
+		}
+		p = (p/64 + 1) * 64
+		if p >= s.npages {
+			p = 0
+		}
+	}
+	n := 0
+	for q := p; q < s.npages && n < runPages && s.bm[q/64]&(1<<(q%64)) != 0; q++ {
+		s.bm[q/64] &^= 1 << (q % 64)
+		n++
+	}
+	s.dirty -= n
+	s.cursor = p + n
+	return p, n
+}
+
+func (s *sender) writeRun(first, n int) error {
+	var normal, zero int64
+	for i := 0; i < n; {
+		j := i
+		isZero := s.zeroPage(first + i)
+		for j < n && s.zeroPage(first+j) == isZero {
+			j++
+		}
+		var err error
+		if isZero {
+			err = s.enc.WriteZeroPages(uint64(first+i), j-i)
+			zero += int64(j - i)
+		} else {
+			err = s.enc.WritePages(uint64(first+i), s.mem[(first+i)*PageSize:(first+j)*PageSize])
+			normal += int64(j - i)
+		}
+		if err != nil {
+			return err
+		}
+		i = j
+	}
+	s.normal += normal
+	s.duplicate += zero
+	s.winPages += int64(n)
+	r := s.r
+	written := s.enc.Written()
+	r.mu.Lock()
+	r.stats.Normal = s.normal
+	r.stats.NormalBytes = s.normal * PageSize
+	r.stats.Duplicate = s.duplicate
+	r.stats.Transferred = written
+	r.stats.Remaining = int64(s.dirty) * PageSize
+	if s.stopped {
+		r.stats.DowntimeBytes = uint64(written - s.stopBytes)
+	} else {
+		r.stats.PrecopyBytes = uint64(written)
+	}
+	r.mu.Unlock()
+	return nil
+}
+
+func (s *sender) zeroPage(p int) bool {
+	if !s.r.zeroCheck {
+		return false
+	}
+	pg := s.mem[p*PageSize : (p+1)*PageSize]
+	return pg[0] == 0 && string(pg) == string(zeroPage[:])
+}
+
+// complete is migration_completion: stop the guest, send what is left, the vCPU state and
+// the digest, and (with a return path) commit only once the destination has verified it.
+func (s *sender) complete() error {
+	r := s.r
+	r.stopThrottle()
+	r.mu.Lock()
+	if r.cancelRequested {
+		r.mu.Unlock()
+		return errCancelled
+	}
+	r.mu.Unlock()
+	r.oldState = s.mach.RunState()
+	r.downStart = time.Now()
+	if err := s.mach.Pause(RunFinishMigrate); err != nil {
+		return err
+	}
+	r.paused = true
+	r.mu.Lock()
+	if r.state == StatusActive {
+		r.setStateLocked(StatusDevice)
+	}
+	r.mu.Unlock()
+	s.stopped, s.stopBytes = true, s.enc.Written()
+	s.sync()
+	digest := make(chan Digest, 1)
+	go func() { digest <- MemoryDigest(s.mem) }() // memory no longer changes
+	if err := s.send(time.Time{}, false); err != nil {
+		<-digest
+		return err
+	}
+	cpu, err := s.mach.SaveCPU()
+	d := <-digest
+	if err != nil {
+		return err
+	}
+	if err := s.enc.WriteCPU(cpu); err != nil {
+		return r.ioError(err)
+	}
+	if err := s.enc.WriteTrailer(d); err != nil {
+		return r.ioError(err)
+	}
+	if err := s.enc.Flush(); err != nil {
+		return r.ioError(err)
+	}
+	r.mu.Lock()
+	r.stats.Transferred = s.enc.Written()
+	r.stats.DowntimeBytes = uint64(s.enc.Written() - s.stopBytes)
+	out := r.out
+	r.mu.Unlock()
+	if r.replies != nil {
+		select {
+		case err := <-r.replies:
+			if err != nil {
+				return err
+			}
+		case <-r.ctx.Done():
+			return errCancelled
+		}
+	}
+	r.mu.Lock()
+	if r.cancelRequested {
+		r.mu.Unlock()
+		return errCancelled
+	}
+	r.committed = true
+	r.mu.Unlock()
+	if r.replies != nil {
+		if err := s.enc.WriteGo(); err != nil {
+			return err
+		}
+	}
+	return out.finish()
+}

@@ -1,0 +1,449 @@
+package migration
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"runtime"
+	"sync"
+)
+
+// Stream constants; doc.go describes the layout.
+const (
+	StreamVersion = 1
+	PageSize      = 4096
+
+	headerFixedLen = 8 + 4 + 4 + 8 + 4 + 4 + 4 // magic .. workloads length
+	maxWorkloads   = 1 << 20
+	maxCPUState    = 64 << 20
+	maxRunPages    = 1 << 16
+
+	recRAM   = 0x01
+	recEOS   = 0x02
+	recCPU   = 0x03
+	recTrail = 0x04
+	recGo    = 0x05
+
+	ramZero = 0x01 // the run is all zero pages: no payload
+
+	// FlagReturnPath in the header asks the destination to answer on the same connection
+	// (acknowledge the verified state, then wait for the go-ahead before it runs the guest).
+	FlagReturnPath = 0x1
+
+	rpAck    = 'A'
+	rpRefuse = 'R'
+)
+
+var (
+	streamMagic = [8]byte{'M', 'I', 'G', 'V', 'I', 'S', 'O', 'R'}
+	castagnoli  = crc32.MakeTable(crc32.Castagnoli)
+	zeroPage    [PageSize]byte
+)
+
+// MachineConfig is what both ends must agree on before any page moves.
+type MachineConfig struct {
+	MemSize   uint64
+	CPUs      uint32
+	PageSize  uint32
+	Workloads []byte // opaque, compared byte for byte when the receiver knows its own
+}
+
+// Header opens every stream.
+type Header struct {
+	Version uint32
+	Flags   uint32
+	Config  MachineConfig
+}
+
+// Digest identifies the contents of all guest memory.
+type Digest [32]byte
+
+// RecordKind tells what Decoder.Next returned.
+type RecordKind int
+
+// Record kinds.
+const (
+	KindPages RecordKind = iota + 1 // pages written into the memory given to Next
+	KindZeroPages
+	KindEndOfSection
+	KindCPU
+	KindTrailer
+)
+
+// Record is one decoded record. CPU aliases the decoder's buffer until the next call.
+type Record struct {
+	Kind   RecordKind
+	First  uint64 // first page index (pages, zero pages)
+	Count  uint32 // number of pages
+	Pass   uint64 // end of section: the sender's dirty-sync count
+	CPU    []byte
+	Digest Digest
+}
+
+// Encoder writes a stream. It counts every byte it accepts, for statistics and rate limiting.
+type Encoder struct {
+	w   *bufio.Writer
+	n   int64
+	hdr [32]byte
+}
+
+// NewEncoder buffers writes to w.
+func NewEncoder(w io.Writer) *Encoder {
+	return &Encoder{w: bufio.NewWriterSize(w, 1<<20)}
+}
+
+// Written is the number of bytes written so far (buffered or not).
+func (e *Encoder) Written() int64 { return e.n }
+
+// Flush pushes buffered bytes to the transport.
+func (e *Encoder) Flush() error { return e.w.Flush() }
+
+func (e *Encoder) write(b []byte) error {
+	n, err := e.w.Write(b)
+	e.n += int64(n)
+	return err
+}
+
+// WriteHeader writes magic, version, flags and the machine configuration, sealed by a CRC32C.
+func (e *Encoder) WriteHeader(h Header) error {
+	if len(h.Config.Workloads) > maxWorkloads {
+		return fmt.Errorf("workloads description too large (%d bytes)", len(h.Config.Workloads))
+	}
+	b := make([]byte, 0, headerFixedLen+len(h.Config.Workloads)+4)
+	b = append(b, streamMagic[:]...)
+	b = binary.BigEndian.AppendUint32(b, h.Version)
+	b = binary.BigEndian.AppendUint32(b, h.Flags)
+	b = binary.BigEndian.AppendUint64(b, h.Config.MemSize)
+	b = binary.BigEndian.AppendUint32(b, h.Config.CPUs)
+	b = binary.BigEndian.AppendUint32(b, h.Config.PageSize)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(h.Config.Workloads)))
+	b = append(b, h.Config.Workloads...)
+	b = binary.BigEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return e.write(b)
+}
+
+func (e *Encoder) ramHeader(flags byte, first uint64, count int) error {
+	if count <= 0 || count > maxRunPages {
+		return fmt.Errorf("bad run length %d", count)
+	}
+	h := e.hdr[:14]
+	h[0] = recRAM
+	h[1] = flags
+	binary.BigEndian.PutUint64(h[2:], first)
+	binary.BigEndian.PutUint32(h[10:], uint32(count))
+	return e.write(h)
+}
+
+// WritePages writes a run of consecutive normal pages starting at page index first.
+func (e *Encoder) WritePages(first uint64, data []byte) error {
+	if len(data)%PageSize != 0 {
+		return fmt.Errorf("page run of %d bytes is not a whole number of pages", len(data))
+	}
+	if err := e.ramHeader(0, first, len(data)/PageSize); err != nil {
+		return err
+	}
+	return e.write(data)
+}
+
+// WriteZeroPages writes a run of zero pages: the flag alone, no payload.
+func (e *Encoder) WriteZeroPages(first uint64, count int) error {
+	return e.ramHeader(ramZero, first, count)
+}
+
+// WriteEndOfSection closes one iteration.
+func (e *Encoder) WriteEndOfSection(pass uint64) error {
+	h := e.hdr[:9]
+	h[0] = recEOS
+	binary.BigEndian.PutUint64(h[1:], pass)
+	return e.write(h)
+}
+
+// WriteCPU writes the opaque vCPU state.
+func (e *Encoder) WriteCPU(state []byte) error {
+	if len(state) > maxCPUState {
+		return fmt.Errorf("vCPU state too large (%d bytes)", len(state))
+	}
+	h := e.hdr[:5]
+	h[0] = recCPU
+	binary.BigEndian.PutUint32(h[1:], uint32(len(state)))
+	if err := e.write(h); err != nil {
+		return err
+	}
+	return e.write(state)
+}
+
+// WriteTrailer ends the stream with the digest of guest memory as the source stopped it.
+func (e *Encoder) WriteTrailer(d Digest) error {
+	e.hdr[0] = recTrail
+	if err := e.write(e.hdr[:1]); err != nil {
+		return err
+	}
+	return e.write(d[:])
+}
+
+// WriteGo is the source's go-ahead after the destination acknowledged (return path only).
+func (e *Encoder) WriteGo() error {
+	if err := e.write([]byte{recGo}); err != nil {
+		return err
+	}
+	return e.Flush()
+}
+
+// StreamError is a malformed, truncated or refused stream.
+type StreamError struct{ Msg string }
+
+func (e *StreamError) Error() string { return "migration stream: " + e.Msg }
+
+func streamErr(format string, args ...any) error {
+	return &StreamError{Msg: fmt.Sprintf(format, args...)}
+}
+
+// Decoder reads a stream.
+type Decoder struct {
+	r      *bufio.Reader
+	hdr    Header
+	gotHdr bool
+	buf    [16]byte
+	cpu    []byte
+	n      int64
+}
+
+// NewDecoder buffers reads from r.
+func NewDecoder(r io.Reader) *Decoder {
+	return &Decoder{r: bufio.NewReaderSize(r, 1<<20)}
+}
+
+// Read is the number of bytes consumed so far.
+func (d *Decoder) Read() int64 { return d.n }
+
+func (d *Decoder) full(b []byte) error {
+	n, err := io.ReadFull(d.r, b)
+	d.n += int64(n)
+	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return streamErr("truncated after %d bytes", d.n)
+		}
+		return err
+	}
+	return nil
+}
+
+// ReadHeader reads and checks the header: magic, CRC and version. The configuration is
+// compared by CheckConfig.
+func (d *Decoder) ReadHeader() (Header, error) {
+	b := make([]byte, headerFixedLen)
+	if err := d.full(b); err != nil {
+		return Header{}, err
+	}
+	if !bytes.Equal(b[:8], streamMagic[:]) {
+		return Header{}, streamErr("not a migvisor migration stream (bad magic %q)", b[:8])
+	}
+	h := Header{
+		Version: binary.BigEndian.Uint32(b[8:]),
+		Flags:   binary.BigEndian.Uint32(b[12:]),
+	}
+	if h.Version != StreamVersion {
+		return Header{}, streamErr("stream version %d is not supported (this migvisor reads version %d)", h.Version, StreamVersion)
+	}
+	h.Config.MemSize = binary.BigEndian.Uint64(b[16:])
+	h.Config.CPUs = binary.BigEndian.Uint32(b[24:])
+	h.Config.PageSize = binary.BigEndian.Uint32(b[28:])
+	wl := binary.BigEndian.Uint32(b[32:])
+	if wl > maxWorkloads {
+		return Header{}, streamErr("workloads description too large (%d bytes)", wl)
+	}
+	rest := make([]byte, int(wl)+4)
+	if err := d.full(rest); err != nil {
+		return Header{}, err
+	}
+	crc := crc32.Update(crc32.Checksum(b, castagnoli), castagnoli, rest[:wl])
+	if crc != binary.BigEndian.Uint32(rest[wl:]) {
+		return Header{}, streamErr("header checksum mismatch")
+	}
+	h.Config.Workloads = rest[:wl:wl]
+	if h.Config.PageSize != PageSize {
+		return Header{}, streamErr("page size %d is not supported (expected %d)", h.Config.PageSize, PageSize)
+	}
+	if h.Config.MemSize%PageSize != 0 {
+		return Header{}, streamErr("memory size %d is not a whole number of pages", h.Config.MemSize)
+	}
+	d.hdr, d.gotHdr = h, true
+	return h, nil
+}
+
+// CheckConfig refuses a stream whose machine differs from the receiver's.
+func CheckConfig(got, want MachineConfig) error {
+	switch {
+	case got.MemSize != want.MemSize:
+		return streamErr("the source has %d bytes of memory, this machine has %d", got.MemSize, want.MemSize)
+	case got.CPUs != want.CPUs:
+		return streamErr("the source has %d vCPUs, this machine has %d", got.CPUs, want.CPUs)
+	case got.PageSize != want.PageSize:
+		return streamErr("the source uses %d-byte pages, this machine %d", got.PageSize, want.PageSize)
+	case want.Workloads != nil && !bytes.Equal(got.Workloads, want.Workloads):
+		return streamErr("the source's workloads (%q) differ from this machine's (%q)", got.Workloads, want.Workloads)
+	}
+	return nil
+}
+
+// Next reads one record. Page payloads are read straight into mem, which must be the
+// header's memory size; a record that does not fit is an error and writes nothing.
+func (d *Decoder) Next(mem []byte) (Record, error) {
+	if !d.gotHdr {
+		return Record{}, errors.New("migration stream: Next before ReadHeader")
+	}
+	if uint64(len(mem)) != d.hdr.Config.MemSize {
+		return Record{}, fmt.Errorf("migration stream: memory of %d bytes for a %d-byte stream", len(mem), d.hdr.Config.MemSize)
+	}
+	tag := d.buf[:1]
+	if err := d.full(tag); err != nil {
+		return Record{}, err
+	}
+	switch tag[0] {
+	case recRAM:
+		h := d.buf[:13]
+		if err := d.full(h); err != nil {
+			return Record{}, err
+		}
+		flags := h[0]
+		first := binary.BigEndian.Uint64(h[1:])
+		count := binary.BigEndian.Uint32(h[9:])
+		pages := uint64(len(mem)) / PageSize
+		if flags&^ramZero != 0 {
+			return Record{}, streamErr("unknown page flags %#x", flags)
+		}
+		if count == 0 || count > maxRunPages || first >= pages || uint64(count) > pages-first {
+			return Record{}, streamErr("page run %d+%d outside memory of %d pages", first, count, pages)
+		}
+		span := mem[first*PageSize : (first+uint64(count))*PageSize]
+		if flags&ramZero != 0 {
+			clear(span)
+			return Record{Kind: KindZeroPages, First: first, Count: count}, nil
+		}
+		if err := d.full(span); err != nil {
+			return Record{}, err
+		}
+		return Record{Kind: KindPages, First: first, Count: count}, nil
+	case recEOS:
+		b := d.buf[:8]
+		if err := d.full(b); err != nil {
+			return Record{}, err
+		}
+		return Record{Kind: KindEndOfSection, Pass: binary.BigEndian.Uint64(b)}, nil
+	case recCPU:
+		b := d.buf[:4]
+		if err := d.full(b); err != nil {
+			return Record{}, err
+		}
+		n := binary.BigEndian.Uint32(b)
+		if n > maxCPUState {
+			return Record{}, streamErr("vCPU state too large (%d bytes)", n)
+		}
+		if cap(d.cpu) < int(n) {
+			d.cpu = make([]byte, n)
+		}
+		d.cpu = d.cpu[:n]
+		if err := d.full(d.cpu); err != nil {
+			return Record{}, err
+		}
+		return Record{Kind: KindCPU, CPU: d.cpu}, nil
+	case recTrail:
+		var r Record
+		r.Kind = KindTrailer
+		if err := d.full(r.Digest[:]); err != nil {
+			return Record{}, err
+		}
+		return r, nil
+	default:
+		return Record{}, streamErr("unknown record type %#x at byte %d", tag[0], d.n-1)
+	}
+}
+
+// ReadGo waits for the source's go-ahead (return path only).
+func (d *Decoder) ReadGo() error {
+	b := d.buf[:1]
+	if err := d.full(b); err != nil {
+		return err
+	}
+	if b[0] != recGo {
+		return streamErr("expected the go-ahead, got record type %#x", b[0])
+	}
+	return nil
+}
+
+// writeReply sends the destination's verdict on the return path: nil = acknowledged.
+func writeReply(w io.Writer, refusal error) error {
+	if refusal == nil {
+		_, err := w.Write([]byte{rpAck, 0, 0, 0, 0})
+		return err
+	}
+	msg := refusal.Error()
+	if len(msg) > 4096 {
+		msg = msg[:4096]
+	}
+	b := []byte{rpRefuse}
+	b = binary.BigEndian.AppendUint32(b, uint32(len(msg)))
+	_, err := w.Write(append(b, msg...))
+	return err
+}
+
+// RefusedError is the destination's refusal, as it worded it.
+type RefusedError struct{ Msg string }
+
+func (e *RefusedError) Error() string { return "the destination refused the migration: " + e.Msg }
+
+// readReply reads the destination's verdict: nil for an acknowledgement.
+func readReply(r io.Reader) error {
+	var h [5]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return err
+	}
+	n := binary.BigEndian.Uint32(h[1:])
+	switch {
+	case h[0] == rpAck && n == 0:
+		return nil
+	case h[0] == rpRefuse && n <= 4096:
+		msg := make([]byte, n)
+		if _, err := io.ReadFull(r, msg); err != nil {
+			return err
+		}
+		return &RefusedError{Msg: string(msg)}
+	}
+	return streamErr("bad reply from the destination (%#x)", h[0])
+}
+
+// digestChunk is the unit hashed on its own; the chunk checksums are then hashed together.
+const digestChunk = 1 << 20
+
+// MemoryDigest summarises guest memory: CRC32C of each 1 MiB chunk (in parallel, a few ms
+// per GiB), then SHA-256 over the size and the chunk checksums.
+func MemoryDigest(mem []byte) Digest {
+	nchunks := (len(mem) + digestChunk - 1) / digestChunk
+	sums := make([]byte, 4*nchunks)
+	workers := min(runtime.GOMAXPROCS(0), max(nchunks, 1))
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := w; c < nchunks; c += workers {
+				end := min((c+1)*digestChunk, len(mem))
+				binary.BigEndian.PutUint32(sums[4*c:], crc32.Checksum(mem[c*digestChunk:end], castagnoli))
+			}
+		}()
+	}
+	wg.Wait()
+	h := sha256.New()
+	var size [8]byte
+	binary.BigEndian.PutUint64(size[:], uint64(len(mem)))
+	h.Write(size[:])
+	h.Write(sums)
+	var d Digest
+	h.Sum(d[:0])
+	return d
+}

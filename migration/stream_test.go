@@ -1,0 +1,225 @@
+package migration
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// sampleStream encodes a small machine: a normal run, a zero run, an EOS, the CPU state and
+// the trailer, and returns the stream and the memory it describes.
+func sampleStream(t testing.TB) ([]byte, []byte) {
+	mem := make([]byte, 8*PageSize)
+	for i := range 3 * PageSize {
+		mem[PageSize+i] = byte(i*7 + 1)
+	}
+	var buf bytes.Buffer
+	e := NewEncoder(&buf)
+	require.NoError(t, e.WriteHeader(Header{Version: StreamVersion, Config: MachineConfig{
+		MemSize: uint64(len(mem)), CPUs: 2, PageSize: PageSize, Workloads: []byte("w")}}))
+	require.NoError(t, e.WritePages(1, mem[PageSize:4*PageSize]))
+	require.NoError(t, e.WriteZeroPages(4, 4))
+	require.NoError(t, e.WriteZeroPages(0, 1))
+	require.NoError(t, e.WriteEndOfSection(1))
+	require.NoError(t, e.WriteCPU([]byte("cpu-state")))
+	require.NoError(t, e.WriteTrailer(MemoryDigest(mem)))
+	require.NoError(t, e.Flush())
+	require.EqualValues(t, buf.Len(), e.Written())
+	return buf.Bytes(), mem
+}
+
+// decodeAll reads a whole stream into fresh memory, as a receiver would.
+func decodeAll(stream []byte) ([]byte, []Record, error) {
+	d := NewDecoder(bytes.NewReader(stream))
+	h, err := d.ReadHeader()
+	if err != nil {
+		return nil, nil, err
+	}
+	if h.Config.MemSize > 1<<24 {
+		return nil, nil, errors.New("too big for a test")
+	}
+	mem := bytes.Repeat([]byte{0xee}, int(h.Config.MemSize))
+	var recs []Record
+	for {
+		r, err := d.Next(mem)
+		if err != nil {
+			return mem, recs, err
+		}
+		if r.Kind == KindCPU {
+			r.CPU = bytes.Clone(r.CPU)
+		}
+		recs = append(recs, r)
+		if r.Kind == KindTrailer {
+			if r.Digest != MemoryDigest(mem) {
+				return mem, recs, ErrDigestMismatch
+			}
+			return mem, recs, nil
+		}
+	}
+}
+
+func TestStreamRoundTrip(t *testing.T) {
+	stream, mem := sampleStream(t)
+	got, recs, err := decodeAll(stream)
+	require.NoError(t, err)
+	require.Equal(t, mem, got)
+	kinds := []RecordKind{}
+	for _, r := range recs {
+		kinds = append(kinds, r.Kind)
+	}
+	require.Equal(t, []RecordKind{KindPages, KindZeroPages, KindZeroPages, KindEndOfSection, KindCPU, KindTrailer}, kinds)
+	require.Equal(t, Record{Kind: KindPages, First: 1, Count: 3}, recs[0])
+	require.Equal(t, Record{Kind: KindZeroPages, First: 4, Count: 4}, recs[1])
+	require.EqualValues(t, 1, recs[3].Pass)
+	require.Equal(t, "cpu-state", string(recs[4].CPU))
+}
+
+func TestStreamHeaderRefusals(t *testing.T) {
+	good := Header{Version: StreamVersion, Config: MachineConfig{MemSize: 4 * PageSize, CPUs: 1, PageSize: PageSize}}
+	enc := func(h Header) []byte {
+		var b bytes.Buffer
+		e := NewEncoder(&b)
+		require.NoError(t, e.WriteHeader(h))
+		require.NoError(t, e.Flush())
+		return b.Bytes()
+	}
+	v2 := good
+	v2.Version = 2
+	ps := good
+	ps.Config.PageSize = 8192
+	badCRC := enc(good)
+	badCRC[20] ^= 1
+	badMagic := enc(good)
+	badMagic[0] = 'Q'
+	for _, tc := range []struct {
+		name, want string
+		in         []byte
+	}{
+		{"version", "stream version 2 is not supported (this migvisor reads version 1)", enc(v2)},
+		{"page size", "page size 8192 is not supported", enc(ps)},
+		{"checksum", "header checksum mismatch", badCRC},
+		{"magic", "not a migvisor migration stream", badMagic},
+		{"truncated", "truncated after 10 bytes", enc(good)[:10]},
+		{"empty", "truncated after 0 bytes", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := NewDecoder(bytes.NewReader(tc.in)).ReadHeader()
+			require.ErrorContains(t, err, tc.want)
+			var se *StreamError
+			require.ErrorAs(t, err, &se)
+		})
+	}
+}
+
+func TestCheckConfig(t *testing.T) {
+	base := MachineConfig{MemSize: 1 << 20, CPUs: 2, PageSize: PageSize, Workloads: []byte("a")}
+	for _, tc := range []struct {
+		name string
+		edit func(*MachineConfig)
+		want string
+	}{
+		{"same", func(*MachineConfig) {}, ""},
+		{"memory", func(c *MachineConfig) { c.MemSize = 2 << 20 }, "the source has 1048576 bytes of memory, this machine has 2097152"},
+		{"cpus", func(c *MachineConfig) { c.CPUs = 4 }, "the source has 2 vCPUs, this machine has 4"},
+		{"workloads", func(c *MachineConfig) { c.Workloads = []byte("b") }, "workloads"},
+		{"workloads unknown here", func(c *MachineConfig) { c.Workloads = nil }, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			want := base
+			tc.edit(&want)
+			err := CheckConfig(base, want)
+			if tc.want == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestStreamCorruptRecords(t *testing.T) {
+	stream, _ := sampleStream(t)
+	hdrLen := headerFixedLen + 1 + 4
+	for _, tc := range []struct {
+		name string
+		edit func([]byte) []byte
+		want string
+	}{
+		{"unknown record", func(b []byte) []byte { b[hdrLen] = 0x7f; return b }, "unknown record type 0x7f"},
+		{"unknown page flag", func(b []byte) []byte { b[hdrLen+1] = 0x80; return b }, "unknown page flags"},
+		{"run past memory", func(b []byte) []byte { b[hdrLen+9] = 0xff; return b }, "outside memory"},
+		{"empty run", func(b []byte) []byte { copy(b[hdrLen+10:], []byte{0, 0, 0, 0}); return b }, "outside memory"},
+		{"page payload", func(b []byte) []byte { b[hdrLen+14+100] ^= 0xff; return b }, ErrDigestMismatch.Error()},
+		{"truncated in a page", func(b []byte) []byte { return b[:hdrLen+14+5000] }, "truncated"},
+		{"truncated before the trailer", func(b []byte) []byte { return b[:len(b)-33] }, "truncated"},
+		{"truncated digest", func(b []byte) []byte { return b[:len(b)-1] }, "truncated"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := decodeAll(tc.edit(bytes.Clone(stream)))
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
+
+func TestReturnPath(t *testing.T) {
+	var b bytes.Buffer
+	require.NoError(t, writeReply(&b, nil))
+	require.NoError(t, writeReply(&b, errors.New("no room")))
+	require.NoError(t, readReply(&b))
+	err := readReply(&b)
+	var ref *RefusedError
+	require.ErrorAs(t, err, &ref)
+	require.Equal(t, "no room", ref.Msg)
+	require.ErrorIs(t, readReply(&b), io.EOF)
+	require.ErrorContains(t, readReply(bytes.NewReader([]byte{'X', 0, 0, 0, 0})), "bad reply")
+}
+
+func TestMemoryDigest(t *testing.T) {
+	mem := make([]byte, 3*digestChunk+PageSize)
+	d0 := MemoryDigest(mem)
+	require.Equal(t, d0, MemoryDigest(bytes.Clone(mem)))
+	for _, off := range []int{0, digestChunk - 1, 2*digestChunk + 17, len(mem) - 1} {
+		mem[off] ^= 1
+		require.NotEqual(t, d0, MemoryDigest(mem), "flip at %d", off)
+		mem[off] ^= 1
+	}
+	require.NotEqual(t, d0, MemoryDigest(mem[:len(mem)-PageSize]), "size is part of the digest")
+}
+
+func FuzzDecoder(f *testing.F) {
+	stream, _ := sampleStream(f)
+	f.Add(stream)
+	f.Add(stream[:40])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		mem, recs, err := decodeAll(b)
+		if err != nil {
+			return
+		}
+		// A stream that decodes whole ends with a trailer whose digest matches memory.
+		require.NotEmpty(t, recs)
+		require.Equal(t, KindTrailer, recs[len(recs)-1].Kind)
+		require.Equal(t, recs[len(recs)-1].Digest, MemoryDigest(mem))
+	})
+}
+
+func BenchmarkMemoryDigest(b *testing.B) {
+	mem := make([]byte, 256<<20)
+	b.SetBytes(int64(len(mem)))
+	for b.Loop() {
+		MemoryDigest(mem)
+	}
+}
+
+func BenchmarkEncodePages(b *testing.B) {
+	mem := bytes.Repeat([]byte{1}, runPages*PageSize)
+	e := NewEncoder(io.Discard)
+	b.SetBytes(int64(len(mem)))
+	for b.Loop() {
+		if err := e.WritePages(0, mem); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

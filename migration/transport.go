@@ -1,0 +1,352 @@
+package migration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/migvisor/migvisor/qerr"
+)
+
+// Channel is one entry of migrate's / migrate-incoming's "channels".
+type Channel struct {
+	ChannelType string  `json:"channel-type"`
+	Addr        Address `json:"addr"`
+}
+
+// Address is MigrationAddress flattened: transport socket (type unix or inet), exec or file.
+type Address struct {
+	Transport string   `json:"transport"`
+	Type      string   `json:"type,omitempty"` // socket: unix, inet, vsock, fd
+	Path      string   `json:"path,omitempty"`
+	Host      string   `json:"host,omitempty"`
+	Port      string   `json:"port,omitempty"`
+	Args      []string `json:"args,omitempty"`     // exec: argv
+	Filename  string   `json:"filename,omitempty"` // file
+	Offset    uint64   `json:"offset,omitempty"`
+}
+
+func (a Address) String() string {
+	switch {
+	case a.Transport == "socket" && a.Type == "unix":
+		return "unix:" + a.Path
+	case a.Transport == "socket":
+		return "tcp:" + net.JoinHostPort(a.Host, a.Port)
+	case a.Transport == "exec":
+		return "exec:" + strings.Join(a.Args, " ")
+	case a.Transport == "file":
+		return "file:" + a.Filename
+	}
+	return a.Transport
+}
+
+// ParseURI turns the legacy URI form into an Address: unix:PATH, tcp:HOST:PORT, exec:CMD
+// (run by /bin/sh -c) and file:PATH[,offset=N].
+func ParseURI(uri string) (Address, error) {
+	scheme, rest, ok := strings.Cut(uri, ":")
+	if !ok {
+		return Address{}, errBadProtocol
+	}
+	switch scheme {
+	case "unix":
+		if rest == "" {
+			return Address{}, qerr.Generic("Parameter 'uri' expects a socket path after 'unix:'")
+		}
+		return Address{Transport: "socket", Type: "unix", Path: rest}, nil
+	case "tcp":
+		host, port, err := net.SplitHostPort(rest)
+		if err != nil || port == "" {
+			return Address{}, qerr.Generic("error parsing address '%s'", rest)
+		}
+		return Address{Transport: "socket", Type: "inet", Host: host, Port: port}, nil
+	case "exec":
+		return Address{Transport: "exec", Args: []string{"/bin/sh", "-c", rest}}, nil
+	case "file":
+		name, opt, hasOpt := strings.Cut(rest, ",")
+		a := Address{Transport: "file", Filename: name}
+		if hasOpt {
+			v, found := strings.CutPrefix(opt, "offset=")
+			off, err := strconv.ParseUint(v, 0, 64)
+			if !found || err != nil {
+				return Address{}, qerr.Generic("file URI has bad offset %s", opt)
+			}
+			a.Offset = off
+		}
+		return a, nil
+	case "rdma", "fd", "vsock":
+		return Address{}, errUnsupportedTransport(scheme)
+	}
+	return Address{}, errBadProtocol
+}
+
+// pickAddress applies QEMU's rules for the uri/channels pair.
+func pickAddress(uri *string, channels []Channel) (Address, error) {
+	if (uri == nil) == (channels == nil) {
+		return Address{}, errURIOrChannels
+	}
+	if uri != nil {
+		return ParseURI(*uri)
+	}
+	var main *Channel
+	seen := map[string]bool{}
+	for i := range channels {
+		t := channels[i].ChannelType
+		if seen[t] {
+			return Address{}, errDuplicateChannel(t)
+		}
+		seen[t] = true
+		if t == "main" {
+			main = &channels[i]
+		}
+	}
+	if seen["cpr"] {
+		return Address{}, errCPRChannel
+	}
+	if main == nil {
+		return Address{}, errNoMainChannel
+	}
+	a := main.Addr
+	switch {
+	case a.Transport == "socket" && (a.Type == "unix" || a.Type == "inet"):
+	case a.Transport == "socket":
+		return Address{}, errUnsupportedTransport(a.Type)
+	case a.Transport == "exec":
+		if len(a.Args) == 0 {
+			return Address{}, qerr.Generic("exec migration needs at least one argument")
+		}
+	case a.Transport == "file":
+	default:
+		return Address{}, errUnsupportedTransport(a.Transport)
+	}
+	return a, nil
+}
+
+// outgoing is the source's end of a transport.
+type outgoing interface {
+	io.Writer
+	reply() io.Reader // the return path, nil when the transport has none
+	finish() error    // the stream is complete: make it durable (close, wait for the command)
+	abort()           // unblock writers and readers, drop everything
+}
+
+// dial opens the source's end.
+func dial(ctx context.Context, a Address) (outgoing, error) {
+	switch a.Transport {
+	case "socket":
+		network, addr := "unix", a.Path
+		if a.Type == "inet" {
+			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, fmt.Errorf("failed to connect to '%s': %w", a, err)
+		}
+		return &sockOut{c}, nil
+	case "file":
+		flags := os.O_WRONLY | os.O_CREATE
+		if a.Offset == 0 {
+			flags |= os.O_TRUNC
+		}
+		f, err := os.OpenFile(a.Filename, flags, 0o660)
+		if err != nil {
+			return nil, fmt.Errorf("failed to open migration file: %w", err)
+		}
+		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
+			f.Close()
+			return nil, err
+		}
+		return &fileOut{f: f}, nil
+	case "exec":
+		cmd := exec.Command(a.Args[0], a.Args[1:]...)
+		cmd.Stderr = os.Stderr
+		w, err := cmd.StdinPipe()
+		if err != nil {
+			return nil, err
+		}
+		if err := cmd.Start(); err != nil {
+			return nil, fmt.Errorf("failed to run migration command: %w", err)
+		}
+		return &execOut{cmd: cmd, w: w}, nil
+	}
+	return nil, errUnsupportedTransport(a.Transport)
+}
+
+type sockOut struct{ net.Conn }
+
+func (s *sockOut) reply() io.Reader { return s.Conn }
+func (s *sockOut) finish() error    { return s.Conn.Close() }
+func (s *sockOut) abort()           { s.Conn.Close() }
+
+type fileOut struct {
+	f    *os.File
+	once sync.Once
+}
+
+func (f *fileOut) Write(b []byte) (int, error) { return f.f.Write(b) }
+func (f *fileOut) reply() io.Reader            { return nil }
+func (f *fileOut) finish() error {
+	if err := f.f.Sync(); err != nil {
+		f.f.Close()
+		return err
+	}
+	return f.f.Close()
+}
+func (f *fileOut) abort() { f.once.Do(func() { f.f.Close() }) }
+
+type execOut struct {
+	cmd  *exec.Cmd
+	w    io.WriteCloser
+	once sync.Once
+}
+
+func (e *execOut) Write(b []byte) (int, error) { return e.w.Write(b) }
+func (e *execOut) reply() io.Reader            { return nil }
+func (e *execOut) finish() error {
+	e.w.Close()
+	if err := e.cmd.Wait(); err != nil {
+		return fmt.Errorf("migration command failed: %w", err)
+	}
+	return nil
+}
+func (e *execOut) abort() {
+	e.once.Do(func() {
+		e.w.Close()
+		e.cmd.Process.Kill()
+		go e.cmd.Wait()
+	})
+}
+
+// inConn is the destination's end of one incoming stream.
+type inConn interface {
+	io.Reader
+	replyTo() io.Writer // nil when there is no return path
+	Close() error
+}
+
+// listener waits for the one incoming stream.
+type listener interface {
+	accept() (inConn, error)
+	Close() error
+	addresses() []SocketAddress // for query-migrate; nil unless a socket
+}
+
+// listen opens the destination's end; errors here reach the migrate-incoming caller.
+func listen(a Address) (listener, error) {
+	switch a.Transport {
+	case "socket":
+		network, addr := "unix", a.Path
+		if a.Type == "inet" {
+			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
+		} else if fi, err := os.Lstat(a.Path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			os.Remove(a.Path) // a stale socket from an earlier run, as QEMU unlinks it
+		}
+		l, err := net.Listen(network, addr)
+		if err != nil {
+			return nil, qerr.Generic("Failed to listen on '%s': %v", a, err)
+		}
+		return &sockListener{l: l}, nil
+	case "file":
+		f, err := os.Open(a.Filename)
+		if err != nil {
+			return nil, qerr.Generic("Failed to open migration file: %v", err)
+		}
+		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
+			f.Close()
+			return nil, qerr.Generic("Failed to seek migration file: %v", err)
+		}
+		return &onceListener{c: fileIn{f}}, nil
+	case "exec":
+		cmd := exec.Command(a.Args[0], a.Args[1:]...)
+		cmd.Stderr = os.Stderr
+		r, err := cmd.StdoutPipe()
+		if err != nil {
+			return nil, err
+		}
+		if err := cmd.Start(); err != nil {
+			return nil, qerr.Generic("Failed to run migration command: %v", err)
+		}
+		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
+	}
+	return nil, errUnsupportedTransport(a.Transport)
+}
+
+type sockListener struct{ l net.Listener }
+
+func (s *sockListener) accept() (inConn, error) {
+	c, err := s.l.Accept()
+	s.l.Close() // one migration per listen, as QEMU
+	if err != nil {
+		return nil, err
+	}
+	return sockIn{c}, nil
+}
+func (s *sockListener) Close() error { return s.l.Close() }
+func (s *sockListener) addresses() []SocketAddress {
+	switch a := s.l.Addr().(type) {
+	case *net.UnixAddr:
+		return []SocketAddress{{Type: "unix", Path: a.Name}}
+	case *net.TCPAddr:
+		return []SocketAddress{{Type: "inet", Host: a.IP.String(), Port: strconv.Itoa(a.Port)}}
+	}
+	return nil
+}
+
+type sockIn struct{ net.Conn }
+
+func (s sockIn) replyTo() io.Writer { return s.Conn }
+
+type onceListener struct {
+	c    inConn
+	done bool
+}
+
+func (o *onceListener) accept() (inConn, error) {
+	if o.done {
+		return nil, errors.New("already accepted")
+	}
+	o.done = true
+	return o.c, nil
+}
+func (o *onceListener) Close() error {
+	if !o.done {
+		return o.c.Close()
+	}
+	return nil
+}
+func (o *onceListener) addresses() []SocketAddress { return nil }
+
+type fileIn struct{ *os.File }
+
+func (fileIn) replyTo() io.Writer { return nil }
+
+type execIn struct {
+	cmd *exec.Cmd
+	r   io.ReadCloser
+}
+
+func (e *execIn) Read(b []byte) (int, error) { return e.r.Read(b) }
+func (e *execIn) replyTo() io.Writer         { return nil }
+func (e *execIn) Close() error {
+	e.r.Close()
+	e.cmd.Process.Kill()
+	return e.cmd.Wait()
+}
+
+// drain reads and drops what the peer still sends after a refusal, so that closing does not
+// reset the connection before the peer has read the refusal.
+func drain(r io.Reader, c io.Closer) {
+	if d, ok := r.(interface{ SetReadDeadline(time.Time) error }); ok {
+		d.SetReadDeadline(time.Now().Add(5 * time.Second))
+	}
+	io.Copy(io.Discard, r)
+	c.Close()
+}
