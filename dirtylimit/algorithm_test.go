@@ -107,10 +107,15 @@ func TestPace(t *testing.T) {
 			require.Equal(t, tc.wantRelease, rel)
 		})
 	}
-	t.Run("one ring costs at most maxPacedSleep", func(t *testing.T) {
-		d, rel := pace(t0, t0, 1<<30, 1)
+	t.Run("one ring costs at most maxPacedSleep and leaves no debt", func(t *testing.T) {
+		// 16 MiB at 1 MiB/s would be 16 s.
+		d, rel := pace(t0, t0, 4096, 1)
 		require.Equal(t, maxPacedSleep, d)
 		require.Equal(t, t0.Add(maxPacedSleep), rel)
+		// The next ring, filled in 10 ms, again costs the most a ring may cost.
+		d, rel = pace(rel.Add(10*time.Millisecond), rel, 4096, 1)
+		require.Equal(t, maxPacedSleep-10*time.Millisecond, d)
+		require.Equal(t, t0.Add(2*maxPacedSleep), rel)
 	})
 }
 

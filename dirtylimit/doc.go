@@ -31,6 +31,9 @@
 // (16 MiB for 4096 entries), so a 1 s period at 50 MB/s holds 3 or 4 rings (48 or 64 MB/s) however
 // the penalty is chosen; the mean over periods is the quota.
 //
-// Any change of limits, Wake and Close cut every penalty being slept short; call Wake before
-// pausing the machine so that no sleeping vCPU holds the pause up.
+// One ring-full costs at most 2 s with migvisor's algorithm (QEMU's caps at 99 ring-full times),
+// so quotas under a ring per 2 s (8 MB/s with 4096 entries) are not reached, and a stop of the
+// machine waits at most that long for a sleeping vCPU. Any change of limits, Wake and Close cut
+// every penalty being slept short; call Wake before pausing the machine so that no sleeping vCPU
+// holds the pause up.
 package dirtylimit

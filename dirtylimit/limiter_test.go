@@ -327,7 +327,7 @@ func TestHookSleepsThroughClock(t *testing.T) {
 		done := make(chan struct{})
 		go func() { (*m.hook.Load())(0); close(done) }()
 		clk.waitTimers(t, 2)
-		clk.Advance(16 * time.Second)
+		clk.Advance(maxPacedSleep)
 		<-done
 	})
 }
