@@ -1,0 +1,214 @@
+package vmm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/bits"
+
+	"github.com/migvisor/migvisor/vmm/guest"
+	"github.com/migvisor/migvisor/vmm/kvm"
+	"golang.org/x/sys/unix"
+)
+
+// kvmBackend runs the vCPUs with KVM: guest memory in slot 0 with dirty logging, one dirty
+// ring per vCPU when the machine has one, the vmm/guest programs in 32-bit protected mode.
+type kvmBackend struct {
+	m    *Machine
+	sys  *kvm.System
+	vm   *kvm.VM
+	cpus []*kvmCPU
+	bmap []uint64 // KVM_GET_DIRTY_LOG's buffer (no ring)
+}
+
+const memSlot = 0
+
+func newKVMBackend(m *Machine) (_ *kvmBackend, err error) {
+	b := &kvmBackend{m: m}
+	defer func() {
+		if err != nil {
+			b.close()
+		}
+	}()
+	if b.sys, err = kvm.Open(); err != nil {
+		return nil, err
+	}
+	if b.vm, err = b.sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if n := m.cfg.DirtyRingSize; n > 0 {
+		if err = b.vm.EnableDirtyRing(n); err != nil {
+			var ke *kvm.Error
+			if errors.As(err, &ke) {
+				return nil, errRingEnable(ke.Errno.Error())
+			}
+			return nil, errRingEnable(err.Error())
+		}
+	} else {
+		b.bmap = make([]uint64, (m.pages+63)/64)
+	}
+	if err = b.vm.SetMemoryRegion(memSlot, 0, m.mem, true); err != nil {
+		return nil, err
+	}
+	for i := 0; i < m.cfg.CPUs; i++ {
+		v, err := b.vm.CreateVCPU(i)
+		if err != nil {
+			return nil, err
+		}
+		c := &kvmCPU{b: b, id: i, v: v}
+		b.cpus = append(b.cpus, c)
+		if err := c.start(); err != nil {
+			return nil, fmt.Errorf("vmm: vCPU %d: %w", i, err)
+		}
+	}
+	return b, nil
+}
+
+func (b *kvmBackend) runner(cpu int) runner { return b.cpus[cpu] }
+
+func (b *kvmBackend) ring(cpu int) dirtyRing {
+	if r := b.cpus[cpu].v.Ring(); r != nil {
+		return kvmRing{r}
+	}
+	return nil
+}
+
+func (b *kvmBackend) resetRings() error {
+	_, err := b.vm.ResetDirtyRings()
+	return err
+}
+
+func (b *kvmBackend) syncBitmap(visit func(page uint64)) error {
+	if err := b.vm.GetDirtyLog(memSlot, b.bmap); err != nil {
+		return err
+	}
+	for i, w := range b.bmap {
+		for w != 0 {
+			bit := bits.TrailingZeros64(w)
+			w &^= 1 << bit
+			visit(uint64(i)*64 + uint64(bit))
+		}
+	}
+	return nil
+}
+
+func (b *kvmBackend) close() error {
+	var errs []error
+	for _, c := range b.cpus {
+		errs = append(errs, c.v.Close())
+	}
+	if b.vm != nil {
+		errs = append(errs, b.vm.Close())
+	}
+	if b.sys != nil {
+		errs = append(errs, b.sys.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// kvmRing adapts kvm.DirtyRing to the reaper: slot 0 maps guest physical 0 up, so a page's
+// offset in the slot is its page number.
+type kvmRing struct{ r *kvm.DirtyRing }
+
+func (k kvmRing) harvest(visit func(page uint64)) (int, error) {
+	return k.r.Harvest(func(_ uint32, off uint64) { visit(off) })
+}
+
+// kvmCPU is one KVM vCPU.
+type kvmCPU struct {
+	b   *kvmBackend
+	id  int
+	v   *kvm.VCPU
+	tid int // set by init, before any kick can name it
+}
+
+// start loads the vCPU's program and record and points the vCPU at its entry.
+func (c *kvmCPU) start() error {
+	m, lay := c.b.m, c.b.m.lay
+	code, err := guest.Program(lay.guestParams(c.id))
+	if err != nil {
+		return err
+	}
+	copy(m.mem[guest.CodeAddr(c.id):guest.CodeAddr(c.id)+guest.CodeStride], code)
+	var ticks uint64
+	if rate := lay.work[c.id].Rate; rate > 0 {
+		khz, err := c.v.TSCKHz()
+		if err != nil {
+			return err
+		}
+		ticks = guest.TicksPerPage(rate, khz*1000)
+	}
+	guest.InitRecord(m.mem, lay.records[c.id], ticks)
+	return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
+}
+
+func (c *kvmCPU) init() error {
+	c.tid = unix.Gettid()
+	return nil
+}
+
+func (c *kvmCPU) kick() {
+	// tid is written before the thread reports ready, and New returns after that.
+	c.v.Kick(c.tid)
+}
+
+func (c *kvmCPU) run() (exit, error) {
+	err := c.v.Run()
+	if errors.Is(err, unix.EINTR) {
+		c.v.SetImmediateExit(false)
+		return exitKicked, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	switch r := c.v.ExitReason(); r {
+	case kvm.ExitHLT:
+		return exitHalt, nil
+	case kvm.ExitDirtyRingFull:
+		return exitRingFull, nil
+	case kvm.ExitIntr:
+		return exitKicked, nil
+	default:
+		return 0, fmt.Errorf("unexpected exit %s", c.v.ExitDetail())
+	}
+}
+
+// kvmState is what SaveCPU keeps of a KVM vCPU.
+type kvmState struct {
+	Regs  kvm.Regs
+	Sregs kvm.Sregs
+}
+
+func (c *kvmCPU) save() ([]byte, error) {
+	var s kvmState
+	var err error
+	if s.Regs, err = c.v.Regs(); err != nil {
+		return nil, err
+	}
+	if s.Sregs, err = c.v.Sregs(); err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	if err := binary.Write(&buf, binary.LittleEndian, &s); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func (c *kvmCPU) load(b []byte) error {
+	if b == nil { // state from another accelerator: restart the program where it is loaded
+		return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
+	}
+	var s kvmState
+	if len(b) != binary.Size(&s) {
+		return errCPUState("KVM vCPU %d: %d bytes, want %d", c.id, len(b), binary.Size(&s))
+	}
+	if err := binary.Read(bytes.NewReader(b), binary.LittleEndian, &s); err != nil {
+		return err
+	}
+	if err := c.v.SetSregs(s.Sregs); err != nil {
+		return err
+	}
+	return c.v.SetRegs(s.Regs)
+}

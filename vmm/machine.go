@@ -1,0 +1,392 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// PageSize is the guest page size: the unit of dirty tracking.
+const PageSize = 4096
+
+// Emitter receives the machine's QMP events (STOP, RESUME). *qmp.Server satisfies it.
+type Emitter interface{ Emit(name string, data any) }
+
+// Accelerators.
+const (
+	AccelKVM  = "kvm"
+	AccelSoft = "soft"
+)
+
+// Config describes a machine.
+type Config struct {
+	MemSize       uint64     // bytes, a multiple of PageSize
+	CPUs          int        // vCPUs, at least 1
+	Accel         string     // AccelKVM or AccelSoft
+	DirtyRingSize int        // entries per vCPU (see ValidateRingSize); 0 = no ring, a dirty bitmap
+	Workloads     []Workload // one per vCPU (index = cpu; missing or zero value = idle)
+	Initial       RunState   // Prelaunch, InMigrate or Running (the zero value means Prelaunch)
+	Events        Emitter    // may be nil
+	Logf          func(format string, args ...any)
+}
+
+// Workload is what one vCPU runs: a loop over its region of guest memory that writes
+// BytesPerPage bytes of (or reads) every 4 KiB page, pass after pass.
+type Workload struct {
+	Mode         string // ModeWrite, ModeRead or ModeIdle ("" = idle)
+	Size         uint64 // region bytes; 0 = the machine's default share
+	BytesPerPage int    // bytes a write stores per page: a multiple of 4 up to 4096 (0 = 8)
+	Rate         uint64 // pages touched per second times 4096; 0 = flat out
+}
+
+func (w Workload) mode() string {
+	if w.Mode == "" {
+		return ModeIdle
+	}
+	return w.Mode
+}
+
+// Machine is a guest: memory, vCPU threads, run state, dirty tracking and workloads.
+// Its methods are safe for concurrent use.
+type Machine struct {
+	cfg   Config
+	logf  func(format string, args ...any)
+	mem   []byte
+	pages uint64
+	be    backend
+	cpus  []*vcpu
+	lay   layout
+
+	mu        sync.Mutex // run state and vCPU parking
+	cond      *sync.Cond // signalled on every change under mu
+	state     RunState
+	autostart bool // cont during inmigrate: run once the migration completes
+	run       bool // vCPUs may run
+	nparked   int  // vCPUs waiting outside KVM_RUN
+	closed    bool
+
+	hook atomic.Pointer[func(cpu int)]
+	rp   *reaper
+
+	stats *sampler
+	wg    sync.WaitGroup
+	done  chan struct{}
+}
+
+// vcpu is one virtual CPU: its thread's view of the run state, its ring and its counters.
+type vcpu struct {
+	id   int
+	r    runner
+	ring dirtyRing // nil without a ring
+	tid  atomic.Int64
+
+	dirty       atomic.Uint64 // pages harvested from the ring, cumulative
+	hookPending atomic.Bool   // run the ring-full hook before the next KVM_RUN
+	wake        chan struct{} // wakes a halted vCPU
+	parked      bool          // under Machine.mu
+	// Ring-full exits, seen by the vCPU thread only.
+	fullDirty  uint64 // dirty at the last ring-full exit
+	emptyFulls int    // consecutive ring-full exits with nothing harvested in between
+	outOfStep  bool   // the ring is out of step with KVM
+	failed     bool   // under Machine.mu: the vCPU hit an error and never runs again
+}
+
+// New builds a machine and starts its vCPU threads; they run guest code only in the running
+// state (Config.Initial Running starts them at once, without an event).
+func New(cfg Config) (*Machine, error) {
+	if cfg.CPUs < 1 {
+		return nil, fmt.Errorf("vmm: %d vCPUs", cfg.CPUs)
+	}
+	if cfg.MemSize == 0 || cfg.MemSize%PageSize != 0 {
+		return nil, fmt.Errorf("vmm: memory size %d is not a positive multiple of %d", cfg.MemSize, PageSize)
+	}
+	if err := ValidateRingSize(cfg.DirtyRingSize); err != nil {
+		return nil, err
+	}
+	if len(cfg.Workloads) > cfg.CPUs {
+		return nil, fmt.Errorf("vmm: %d workloads for %d vCPUs", len(cfg.Workloads), cfg.CPUs)
+	}
+	switch cfg.Initial {
+	case "":
+		cfg.Initial = Prelaunch
+	case Prelaunch, InMigrate, Running:
+	default:
+		return nil, fmt.Errorf("vmm: initial run state %q", cfg.Initial)
+	}
+	m := &Machine{cfg: cfg, logf: cfg.Logf, state: cfg.Initial, done: make(chan struct{})}
+	if m.logf == nil {
+		m.logf = func(string, ...any) {}
+	}
+	m.cond = sync.NewCond(&m.mu)
+	lay, err := newLayout(cfg)
+	if err != nil {
+		return nil, err
+	}
+	m.lay = lay
+	m.mem, err = unix.Mmap(-1, 0, int(cfg.MemSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return nil, fmt.Errorf("vmm: guest memory of %d bytes: %w", cfg.MemSize, err)
+	}
+	m.pages = cfg.MemSize / PageSize
+	// The first touch of fresh memory is expensive on the project's hosts; populating the
+	// workload regions up front keeps that out of the workloads' rates.
+	for _, r := range lay.regions {
+		if r.size > 0 {
+			unix.Madvise(m.mem[r.start:r.start+r.size], unix.MADV_POPULATE_WRITE)
+		}
+	}
+	switch cfg.Accel {
+	case AccelSoft:
+		m.be, err = newSoftBackend(m)
+	case AccelKVM:
+		m.be, err = newKVMBackend(m)
+	default:
+		err = fmt.Errorf("vmm: accelerator %q", cfg.Accel)
+	}
+	if err != nil {
+		unix.Munmap(m.mem)
+		return nil, err
+	}
+	m.cpus = make([]*vcpu, cfg.CPUs)
+	for i := range m.cpus {
+		m.cpus[i] = &vcpu{id: i, r: m.be.runner(i), ring: m.be.ring(i), wake: make(chan struct{}, 1)}
+	}
+	// A thread inside KVM_RUN keeps its P until sysmon takes it back, which can take up to
+	// 10 ms: with only as many Ps as cores, busy vCPUs would keep the reaper (and everything
+	// else) waiting that long. Spare Ps let woken threads run at once.
+	if want := 2*runtime.NumCPU() + cfg.CPUs + 2; runtime.GOMAXPROCS(0) < want {
+		runtime.GOMAXPROCS(want)
+	}
+	m.rp = newReaper(m)
+	m.stats = newSampler(m)
+	ready := make(chan struct{}, cfg.CPUs)
+	for _, c := range m.cpus {
+		m.wg.Add(1)
+		go m.vcpuThread(c, ready)
+	}
+	for range m.cpus {
+		<-ready
+	}
+	m.wg.Add(2)
+	go m.rp.loop()
+	go m.stats.loop()
+	if cfg.Initial == Running {
+		m.mu.Lock()
+		m.setRunLocked(true)
+		m.mu.Unlock()
+	}
+	return m, nil
+}
+
+// Close stops the vCPUs and the reaper and releases the guest memory. Memory() must not be used
+// after Close.
+func (m *Machine) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	m.run = false
+	m.cond.Broadcast()
+	m.mu.Unlock()
+	close(m.done)
+	for _, c := range m.cpus {
+		m.kickThread(c)
+	}
+	m.rp.wakeUp()
+	m.wg.Wait()
+	err := m.be.close()
+	return errors.Join(err, unix.Munmap(m.mem))
+}
+
+// NumCPUs is the number of vCPUs.
+func (m *Machine) NumCPUs() int { return len(m.cpus) }
+
+// ThreadID is the OS thread id of cpu's thread (what query-cpus-fast reports).
+func (m *Machine) ThreadID(cpu int) int { return int(m.cpus[cpu].tid.Load()) }
+
+// KVM reports whether the vCPUs are real KVM vCPUs.
+func (m *Machine) KVM() bool { return m.cfg.Accel == AccelKVM }
+
+// RingSize is the dirty ring's entries per vCPU, 0 without a ring.
+func (m *Machine) RingSize() int { return m.cfg.DirtyRingSize }
+
+// Memory is the guest RAM, guest physical address 0 up. The vCPUs write it concurrently.
+func (m *Machine) Memory() []byte { return m.mem }
+
+// SetRingFullHook sets the function every vCPU thread calls, outside KVM_RUN, at each of its
+// ring-full events and after each Kick. nil removes it.
+func (m *Machine) SetRingFullHook(h func(cpu int)) {
+	if h == nil {
+		m.hook.Store(nil)
+		return
+	}
+	m.hook.Store(&h)
+}
+
+// Kick makes cpu leave guest mode soon and run the ring-full hook before it goes back.
+func (m *Machine) Kick(cpu int) {
+	c := m.cpus[cpu]
+	c.hookPending.Store(true)
+	m.kickThread(c)
+}
+
+// kickThread makes c's thread look at its requests: leave KVM_RUN or wake from a halt.
+func (m *Machine) kickThread(c *vcpu) {
+	c.r.kick()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// exit is why a runner returned.
+type exit int
+
+const (
+	exitKicked   exit = iota // a kick (or a stray signal): look at the requests
+	exitRingFull             // the vCPU's dirty ring is full: harvest, then the ring-full hook
+	exitHalt                 // the guest has nothing to do until it is kicked
+)
+
+// runner executes one vCPU. run and init are called only on the vCPU's locked thread; kick
+// from any goroutine, and it must make a concurrent or the next run return soon.
+type runner interface {
+	init() error
+	run() (exit, error)
+	kick()
+	save() ([]byte, error) // only while parked
+	load([]byte) error     // only while parked
+}
+
+// vcpuThread is the body of a vCPU's OS thread.
+func (m *Machine) vcpuThread(c *vcpu, ready chan<- struct{}) {
+	defer m.wg.Done()
+	runtime.LockOSThread()
+	// The thread dies with the goroutine (no UnlockOSThread): a thread that had signals
+	// aimed at it by tid must not be reused for other goroutines.
+	c.tid.Store(int64(unix.Gettid()))
+	err := c.r.init()
+	ready <- struct{}{}
+	if err != nil {
+		m.vcpuFailed(c, err)
+	}
+	for m.waitRunnable(c) {
+		m.runHook(c)
+		ex, err := c.r.run()
+		if err != nil {
+			m.vcpuFailed(c, err)
+			continue
+		}
+		switch ex {
+		case exitRingFull:
+			m.ringFullExit(c)
+		case exitHalt:
+			if !c.hookPending.Load() {
+				select {
+				case <-c.wake:
+				case <-m.done:
+				}
+			}
+		}
+	}
+}
+
+// ringFullExit serves a KVM_EXIT_DIRTY_RING_FULL (or the soft ring's): harvest, then the
+// hook. Two such exits in a row with nothing harvested in between mean KVM overran the ring
+// and now fills entries the reaper never reaches (kvm-host-notes.md): from then until the
+// ring is back in step, pages are lost, so every view gets all of memory when that starts and
+// again when it ends, and the vCPU waits a millisecond per exit instead of spinning.
+func (m *Machine) ringFullExit(c *vcpu) {
+	m.rp.ringFull(c.id)
+	c.hookPending.Store(true)
+	got := c.dirty.Load()
+	empty := got == c.fullDirty
+	c.fullDirty = got
+	if !empty {
+		c.emptyFulls = 0
+		if c.outOfStep {
+			c.outOfStep = false
+			m.rp.failSafe(c.id, errors.New("the ring is back in step; pages dirtied meanwhile were lost"))
+		}
+		return
+	}
+	if c.emptyFulls++; c.emptyFulls < 2 {
+		return
+	}
+	if !c.outOfStep {
+		c.outOfStep = true
+		m.rp.failSafe(c.id, errRingOutOfStep)
+	}
+	ts := unix.NsecToTimespec(int64(time.Millisecond))
+	unix.Nanosleep(&ts, nil)
+}
+
+var errRingOutOfStep = errors.New("ring-full exits with nothing to harvest: the ring is out of step with KVM")
+
+func (m *Machine) runHook(c *vcpu) {
+	if !c.hookPending.Swap(false) {
+		return
+	}
+	if h := m.hook.Load(); h != nil {
+		(*h)(c.id)
+	}
+}
+
+func (m *Machine) vcpuFailed(c *vcpu, err error) {
+	m.logf("vCPU %d stopped: %v", c.id, err)
+	m.mu.Lock()
+	c.failed = true
+	m.mu.Unlock()
+}
+
+// waitRunnable parks c while the vCPUs must not run and reports whether the thread goes on.
+func (m *Machine) waitRunnable(c *vcpu) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for (!m.run || c.failed) && !m.closed {
+		if !c.parked {
+			c.parked = true
+			m.nparked++
+			m.cond.Broadcast()
+		}
+		m.cond.Wait()
+	}
+	if c.parked {
+		c.parked = false
+		m.nparked--
+	}
+	return !m.closed
+}
+
+// setRunLocked lets the vCPUs run or stops them, returning once every vCPU is parked.
+func (m *Machine) setRunLocked(run bool) {
+	if m.run == run || m.closed {
+		return
+	}
+	m.run = run
+	m.cond.Broadcast()
+	if run {
+		m.rp.wakeUp()
+		return
+	}
+	for _, c := range m.cpus {
+		m.kickThread(c)
+	}
+	for m.nparked < len(m.cpus) && !m.closed {
+		m.cond.Wait()
+	}
+}
+
+// running reports whether the vCPUs may run (the reaper's question).
+func (m *Machine) running() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.run && !m.closed
+}

@@ -1,0 +1,209 @@
+package vmm
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/migvisor/migvisor/vmm/guest"
+)
+
+// region is a vCPU's workload region in guest physical memory, in bytes.
+type region struct{ start, size uint64 }
+
+// layout places the workloads: each vCPU's code page and record below 1 MiB (where vmm/guest
+// puts them, for both backends), then the regions one after the other from 1 MiB up.
+type layout struct {
+	work    []Workload // resolved: mode and bytes per page filled in
+	regions []region   // zero for idle vCPUs
+	records []uint64
+}
+
+func newLayout(cfg Config) (layout, error) {
+	n := cfg.CPUs
+	if guest.CodeAddr(n-1)+guest.CodeStride > guest.RecordBase {
+		return layout{}, fmt.Errorf("vmm: at most %d vCPUs", (guest.RecordBase-guest.CodeBase)/guest.CodeStride)
+	}
+	l := layout{work: make([]Workload, n), regions: make([]region, n), records: make([]uint64, n)}
+	busy := 0
+	for i := range l.work {
+		if i < len(cfg.Workloads) {
+			l.work[i] = cfg.Workloads[i]
+		}
+		w := &l.work[i]
+		w.Mode = w.mode()
+		switch w.Mode {
+		case ModeIdle:
+		case ModeWrite, ModeRead:
+			busy++
+		default:
+			return layout{}, fmt.Errorf("vmm: vCPU %d: workload mode %q", i, w.Mode)
+		}
+		if w.BytesPerPage == 0 {
+			w.BytesPerPage = guest.DefaultBytesPerPage
+		}
+		if b := w.BytesPerPage; b < 4 || b > PageSize || b%4 != 0 {
+			return layout{}, fmt.Errorf("vmm: vCPU %d: %d bytes per page is not a multiple of 4 in [4, %d]", i, b, PageSize)
+		}
+		l.records[i] = guest.RecordAddr(i)
+	}
+	if cfg.MemSize <= guest.RegionStart {
+		if busy > 0 {
+			return layout{}, fmt.Errorf("vmm: workloads need guest memory above 1 MiB")
+		}
+		return l, nil
+	}
+	def := (cfg.MemSize - guest.RegionStart) / uint64(max(busy, 1)) / PageSize * PageSize
+	next := uint64(guest.RegionStart)
+	for i, w := range l.work {
+		if w.Mode == ModeIdle {
+			continue
+		}
+		size := w.Size
+		if size == 0 {
+			size = def
+		}
+		if size == 0 || size%PageSize != 0 {
+			return layout{}, fmt.Errorf("vmm: vCPU %d: region size %d is not a positive multiple of %d", i, size, PageSize)
+		}
+		end := next + size
+		if end > cfg.MemSize || end < next || end >= 1<<32 {
+			return layout{}, fmt.Errorf("vmm: the workload regions do not fit: vCPU %d's %d bytes at %#x pass the end of guest memory (%d bytes, at most 4 GiB usable)",
+				i, size, next, cfg.MemSize)
+		}
+		l.regions[i] = region{start: next, size: size}
+		next = end
+	}
+	return l, nil
+}
+
+// guestParams is vCPU cpu's program description for vmm/guest.
+func (l layout) guestParams(cpu int) guest.Params {
+	w, r := l.work[cpu], l.regions[cpu]
+	return guest.Params{Mode: guest.Mode(w.Mode), RegionBase: r.start, RegionSize: r.size,
+		BytesPerPage: w.BytesPerPage, RecordAddr: l.records[cpu]}
+}
+
+// The soft backend keeps the same record as the guest programs (vmm/guest's record.go):
+// magic, mode, pages, passes, region base and size at these offsets; a test pins them to
+// guest.ReadRecord.
+const (
+	recMagic  = 0
+	recMode   = 4
+	recPages  = 8
+	recPasses = 16
+	recBase   = 48
+	recSize   = 52
+)
+
+var recModes = map[string]uint32{ModeWrite: 1, ModeRead: 2, ModeIdle: 3}
+
+// writeRecordHeader is what a guest program does first.
+func (c *softCPU) writeRecordHeader() {
+	mem, a := c.b.m.mem, c.rec
+	binary.LittleEndian.PutUint32(mem[a+recMode:], recModes[c.w.Mode])
+	binary.LittleEndian.PutUint32(mem[a+recBase:], uint32(c.reg.start))
+	binary.LittleEndian.PutUint32(mem[a+recSize:], uint32(c.reg.size))
+	binary.LittleEndian.PutUint32(mem[a+recMagic:], guest.Magic)
+}
+
+// writeRecord publishes the soft vCPU's progress (aligned 8-byte stores, as the guest's).
+func (c *softCPU) writeRecord(pages, passes uint64) {
+	mem, a := c.b.m.mem, c.rec
+	binary.LittleEndian.PutUint64(mem[a+recPages:], pages)
+	binary.LittleEndian.PutUint64(mem[a+recPasses:], passes)
+}
+
+// WorkloadStat is one vCPU's workload as x-query-workload reports it.
+type WorkloadStat struct {
+	CPU            int    `json:"cpu-index"`
+	Mode           string `json:"mode"`
+	RegionStart    uint64 `json:"region-start"`
+	RegionSize     uint64 `json:"region-size"`
+	Pages          uint64 `json:"pages"`  // pages touched (written or read), cumulative
+	Passes         uint64 `json:"passes"` // complete passes over the region
+	PagesPerSecond uint64 `json:"pages-per-second"`
+}
+
+// WorkloadStats reads every vCPU's record while the vCPUs run.
+func (m *Machine) WorkloadStats() []WorkloadStat {
+	now := time.Now()
+	out := make([]WorkloadStat, len(m.cpus))
+	for i := range out {
+		rec := guest.ReadRecord(m.mem, m.lay.records[i])
+		out[i] = WorkloadStat{CPU: i, Mode: m.lay.work[i].Mode, RegionStart: m.lay.regions[i].start,
+			RegionSize: m.lay.regions[i].size, Pages: rec.Pages, Passes: rec.Passes,
+			PagesPerSecond: m.stats.rate(i, rec.Pages, now)}
+	}
+	return out
+}
+
+// Sampling of the page counters for pages-per-second: every sampleEvery, keeping a bit more
+// than a second of samples.
+const (
+	sampleEvery = 100 * time.Millisecond
+	sampleKeep  = 12
+)
+
+type sample struct {
+	at    time.Time
+	pages []uint64
+}
+
+type sampler struct {
+	m       *Machine
+	mu      sync.Mutex
+	samples []sample // oldest first
+}
+
+func newSampler(m *Machine) *sampler { return &sampler{m: m} }
+
+func (s *sampler) loop() {
+	defer s.m.wg.Done()
+	t := time.NewTicker(sampleEvery)
+	defer t.Stop()
+	for {
+		select {
+		case now := <-t.C:
+			s.take(now)
+		case <-s.m.done:
+			return
+		}
+	}
+}
+
+func (s *sampler) take(now time.Time) {
+	pages := make([]uint64, len(s.m.cpus))
+	for i := range pages {
+		pages[i] = guest.ReadRecord(s.m.mem, s.m.lay.records[i]).Pages
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.samples) == sampleKeep {
+		s.samples = append(s.samples[:0], s.samples[1:]...)
+	}
+	s.samples = append(s.samples, sample{at: now, pages: pages})
+}
+
+// rate is cpu's pages per second from the newest sample at least a second old (or the oldest
+// there is) to now.
+func (s *sampler) rate(cpu int, pages uint64, now time.Time) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var base *sample
+	for i := len(s.samples) - 1; i >= 0; i-- {
+		base = &s.samples[i]
+		if now.Sub(base.at) >= time.Second {
+			break
+		}
+	}
+	if base == nil || pages < base.pages[cpu] {
+		return 0
+	}
+	dt := now.Sub(base.at).Seconds()
+	if dt <= 0 {
+		return 0
+	}
+	return uint64(float64(pages-base.pages[cpu]) / dt)
+}
