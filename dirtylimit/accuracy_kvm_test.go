@@ -39,6 +39,7 @@ type accRun struct {
 	quota      uint64
 	rates      []uint64 // the write vCPU, MiB/s, each 1 s period from the limit on
 	settle     int      // periods until every later one is within the bound; -1 never
+	inBound    int      // periods within the bound, of all
 	meanErr    float64  // % of the quota, steady window
 	worstErr   float64  // % of the quota, steady window
 	peak       float64  // % over the quota of the worst period, settling included
@@ -130,6 +131,11 @@ func measureAccuracy(t *testing.T, accel string, alg dirtylimit.Algorithm, quota
 	}
 	r.readRatio = float64(steadyRead) * 1000 / float64(steadyMS) / r.freeReadPS * 100
 	r.settle, r.meanErr, r.worstErr, r.peak = settleStats(quota, r.rates)
+	for _, v := range r.rates {
+		if math.Abs(float64(v)-float64(quota)) <= accBound(quota) {
+			r.inBound++
+		}
+	}
 	return r
 }
 
@@ -181,17 +187,17 @@ func accuracyTable(accel string, all bool, runs []accRun) string {
 		limited = "both vCPUs limited"
 	}
 	fmt.Fprintf(&b, "dirty limit accuracy, %s, ring %d entries, 1 write vCPU flat out + 1 read vCPU, %s, 1 s periods\n", accel, accRing, limited)
-	fmt.Fprintf(&b, "settle: periods until every later one is within max(10%%, %d MiB/s) of the quota; errors over the last %d periods\n",
+	fmt.Fprintf(&b, "settle: periods until every later one is within the bound, max(10%%, %d MiB/s) of the quota; errors over the last %d periods\n",
 		accRing*vmm.PageSize>>20, accSteady)
-	fmt.Fprintf(&b, "%-6s %-9s %6s %9s %9s %8s %10s %10s %11s %12s\n", "quota", "algorithm", "settle", "mean err", "worst err",
-		"peak", "free write", "read kept", "read free", "read entries")
+	fmt.Fprintf(&b, "%-6s %-9s %6s %8s %9s %9s %8s %10s %10s %11s %12s\n", "quota", "algorithm", "settle", "in bound", "mean err",
+		"worst err", "peak", "free write", "read kept", "read free", "read entries")
 	for _, r := range runs {
 		settle := "never"
 		if r.settle >= 0 {
 			settle = fmt.Sprint(r.settle)
 		}
-		fmt.Fprintf(&b, "%-6d %-9s %6s %8.1f%% %8.1f%% %7.0f%% %6d MiB %9.1f%% %7.0f p/s %7.2f/page\n", r.quota, r.alg, settle,
-			r.meanErr, r.worstErr, r.peak, r.freeWrite, r.readRatio, r.freeReadPS, r.readDirty)
+		fmt.Fprintf(&b, "%-6d %-9s %6s %5d/%-2d %8.1f%% %8.1f%% %7.0f%% %6d MiB %9.1f%% %7.0f p/s %7.2f/page\n", r.quota, r.alg,
+			settle, r.inBound, len(r.rates), r.meanErr, r.worstErr, r.peak, r.freeWrite, r.readRatio, r.freeReadPS, r.readDirty)
 	}
 	return b.String()
 }
