@@ -22,11 +22,15 @@ const (
 	edi
 )
 
-// mem is a [base+disp] operand.
+// mem is a [base+disp] operand, or [disp] (an absolute address) when abs.
 type mem struct {
 	base reg
 	disp int32
+	abs  bool
 }
+
+// at is the absolute memory operand [addr].
+func at(addr uint32) mem { return mem{disp: int32(addr), abs: true} }
 
 // aluOp is the /digit of the classic ALU group (add, or, adc, sbb, and, sub,
 // xor, cmp); opcode op*8+1 is "op r/m32, r32", op*8+3 "op r32, r/m32".
@@ -50,7 +54,7 @@ const (
 	condB  cond = 0x2 // unsigned below
 	condZ  cond = 0x4
 	condNZ cond = 0x5
-	condL  cond = 0xc // signed less
+	condA  cond = 0x7 // unsigned above
 )
 
 type asm struct {
@@ -74,6 +78,11 @@ func (a *asm) imm32(v uint32) { a.buf = binary.LittleEndian.AppendUint32(a.buf, 
 // modrmMem emits a ModRM (and displacement) for a memory operand with the
 // given reg field.
 func (a *asm) modrmMem(regField byte, m mem) {
+	if m.abs {
+		a.emit(regField<<3 | 0x5) // mod 00, r/m 101: [disp32]
+		a.imm32(uint32(m.disp))
+		return
+	}
 	if m.base == esp {
 		panic("guest asm: esp as a base needs a SIB byte")
 	}
@@ -139,16 +148,34 @@ func (a *asm) aluRI(op aluOp, r reg, v int32) {
 	a.imm32(uint32(v))
 }
 
+// aluMI: op dword [m], imm (the sign-extended imm8 form when it fits).
+func (a *asm) aluMI(op aluOp, m mem, v int32) {
+	if v >= -128 && v <= 127 {
+		a.emit(0x83)
+		a.modrmMem(byte(op), m)
+		a.emit(byte(int8(v)))
+		return
+	}
+	a.emit(0x81)
+	a.modrmMem(byte(op), m)
+	a.imm32(uint32(v))
+}
+
+// incM: inc dword [m].
+func (a *asm) incM(m mem) { a.emit(0xff); a.modrmMem(0, m) }
+
 // incR: inc r32 (the one-byte 40+r form, valid in 32-bit mode).
 func (a *asm) incR(r reg) { a.emit(0x40 + byte(r)) }
+
+// decR: dec r32 (48+r).
+func (a *asm) decR(r reg) { a.emit(0x48 + byte(r)) }
 
 // lockCmpxchg8b: lock cmpxchg8b qword [m], an atomic 64-bit compare-exchange.
 func (a *asm) lockCmpxchg8b(m mem) { a.emit(0xf0, 0x0f, 0xc7); a.modrmMem(1, m) }
 
-func (a *asm) rdtsc()    { a.emit(0x0f, 0x31) }
-func (a *asm) pause()    { a.emit(0xf3, 0x90) }
-func (a *asm) hlt()      { a.emit(0xf4) }
-func (a *asm) repStosd() { a.emit(0xf3, 0xab) }
+func (a *asm) rdtsc() { a.emit(0x0f, 0x31) }
+func (a *asm) pause() { a.emit(0xf3, 0x90) }
+func (a *asm) hlt()   { a.emit(0xf4) }
 
 // jcc: conditional jump, always rel32 so no relaxation pass is needed.
 func (a *asm) jcc(c cond, label string) { a.emit(0x0f, 0x80+byte(c)); a.rel32(label) }

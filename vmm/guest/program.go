@@ -89,16 +89,27 @@ func (p Params) validate() error {
 // workload p. The code is position independent: load it anywhere and start
 // the vCPU at its first byte (kvm.SetupProtectedMode). Its record must be
 // initialised (InitRecord) before it starts.
+//
+// The code is lean on purpose: on hosts that emulate 32-bit guest code (PVM)
+// every instruction costs a few hundred nanoseconds and every store is a
+// dirty-ring entry, so the page loop runs about ten instructions and makes one
+// store to the record per page; pacing keeps its state in registers.
 func Program(p Params) ([]byte, error) {
+	a, err := program(p)
+	if err != nil {
+		return nil, err
+	}
+	return a.assemble()
+}
+
+// program assembles p's code, labels and all (the tests list it with them).
+func program(p Params) (*asm, error) {
 	if err := p.validate(); err != nil {
 		return nil, err
 	}
 	a := newAsm()
-	rec := func(off int32) mem { return mem{base: esi, disp: off} }
+	rec := func(off uint32) mem { return at(uint32(p.RecordAddr) + off) }
 
-	// Register use: esi = record, edi = page cursor, ebp = region end;
-	// eax, ebx, ecx, edx are scratch.
-	a.movRI(esi, uint32(p.RecordAddr))
 	a.movMI(rec(offMode), modeNumbers[p.Mode])
 	a.movMI(rec(offBase), uint32(p.RegionBase))
 	a.movMI(rec(offSize), uint32(p.RegionSize))
@@ -108,21 +119,25 @@ func Program(p Params) ([]byte, error) {
 		a.label("idle")
 		a.hlt()
 		a.jmp("idle")
-		return a.assemble()
+		return a, nil
 	}
 
-	a.movRI(ebp, uint32(p.RegionBase+p.RegionSize))
+	// Registers: edi = page cursor, ebp:esi = pacing deadline (a TSC value),
+	// eax = the value a write stores (passes+1, so each pass changes the
+	// contents); ebx, ecx, edx are scratch. No stack is used.
+	a.aluRR(opXor, esi, esi)
+	a.aluRR(opXor, ebp, ebp)
 	a.label("pass")
 	a.movRI(edi, uint32(p.RegionBase))
+	if p.Mode == ModeWrite {
+		stamp(a, rec)
+	}
 	a.label("page")
 	if p.Mode == ModeWrite {
 		bpp := p.BytesPerPage
 		if bpp == 0 {
 			bpp = DefaultBytesPerPage
 		}
-		// The value stored is passes+1, so every pass changes the contents.
-		a.movRM(eax, rec(offPasses))
-		a.incR(eax)
 		switch bpp {
 		case 4:
 			a.movMR(mem{base: edi}, eax)
@@ -130,29 +145,68 @@ func Program(p Params) ([]byte, error) {
 			a.movMR(mem{base: edi}, eax)
 			a.movMR(mem{base: edi, disp: 4}, eax)
 		default:
+			// A loop rather than rep stosd: some hosts (PVM) emulate
+			// string instructions one iteration at a time.
 			a.movRR(ebx, edi)
 			a.movRI(ecx, uint32(bpp/4))
-			a.repStosd() // DF is clear (EFLAGS 0x2)
-			a.movRR(edi, ebx)
+			a.label("fill")
+			a.movMR(mem{base: ebx}, eax)
+			a.aluRI(opAdd, ebx, 4)
+			a.decR(ecx)
+			a.jcc(condNZ, "fill")
 		}
 	} else {
 		a.movRM(eax, mem{base: edi})
 	}
-	inc64(a, rec(offPages))
-	pace(a, rec)
+	// pages++: the low dword alone, atomically, unless it is about to
+	// carry; then the whole quadword at once (out of line).
+	a.aluMI(opCmp, rec(offPages), -1)
+	a.jcc(condZ, "carry")
+	a.incM(rec(offPages))
+	a.label("counted")
+	// Pace only when ticks-per-page is not 0. A torn read here only
+	// decides whether to look closer.
+	a.movRM(ecx, rec(offTicks))
+	a.aluRM(opOr, ecx, rec(offTicks+4))
+	a.jcc(condNZ, "pace")
+	a.label("paced")
 	a.aluRI(opAdd, edi, PageSize)
-	a.aluRR(opCmp, edi, ebp)
+	a.aluRI(opCmp, edi, int32(uint32(p.RegionBase+p.RegionSize)))
 	a.jcc(condB, "page")
 	inc64(a, rec(offPasses))
 	a.jmp("pass")
-	return a.assemble()
+
+	// Out of line: the pages counter's carry into its upper dword.
+	a.label("carry")
+	inc64(a, rec(offPages))
+	if p.Mode == ModeWrite {
+		stamp(a, rec)
+	}
+	a.jmp("counted")
+
+	pace(a, rec)
+	if p.Mode == ModeWrite {
+		stamp(a, rec)
+	}
+	a.jmp("paced")
+	return a, nil
 }
 
-// inc64 adds one to the 64-bit counter m with a single atomic 64-bit store.
-// The guest is the counter's only writer, so the compare always succeeds.
+// stamp loads the value a write pass stores: passes+1 (its low dword).
+func stamp(a *asm, rec func(uint32) mem) {
+	a.movRM(eax, rec(offPasses))
+	a.incR(eax)
+}
+
+// inc64 adds one to the 64-bit counter m with one atomic 64-bit store
+// (lock cmpxchg8b), so a reader never sees half of a carry. The guest is the
+// counter's only writer, so the compare always succeeds. It clobbers eax,
+// ebx, ecx, edx.
 func inc64(a *asm, m mem) {
+	hi := m
+	hi.disp += 4
 	a.movRM(eax, m)
-	a.movRM(edx, mem{base: m.base, disp: m.disp + 4})
+	a.movRM(edx, hi)
 	a.movRR(ebx, eax)
 	a.movRR(ecx, edx)
 	a.aluRI(opAdd, ebx, 1)
@@ -160,45 +214,53 @@ func inc64(a *asm, m mem) {
 	a.lockCmpxchg8b(m)
 }
 
-// pace keeps one page per ticks-per-page TSC ticks when ticks-per-page is not
-// 0. The deadline advances by ticks-per-page at each page and the guest spins
-// (pause) until the TSC reaches it. When behind it does not catch up
-// (deadline = now), and when more than one page ahead (the TSC moved back,
-// e.g. after migration, or the rate was raised) it restarts from now, so a
-// stale deadline can never stall it.
-func pace(a *asm, rec func(int32) mem) {
-	// edx:eax = ticks per page, read atomically: cmpxchg8b with edx:eax =
-	// ecx:ebx = 0 either finds 0 and writes 0 back, or loads the value.
-	a.aluRR(opXor, eax, eax)
-	a.aluRR(opXor, edx, edx)
-	a.aluRR(opXor, ebx, ebx)
-	a.aluRR(opXor, ecx, ecx)
-	a.lockCmpxchg8b(rec(offTicks))
-	a.movRR(ecx, eax)
-	a.aluRR(opOr, ecx, edx)
-	a.jcc(condZ, "paced")
-	a.movMR(rec(offScratch), eax)
-	a.movMR(rec(offScratch+4), edx)
-	a.aluMR(opAdd, rec(offDeadline), eax)
-	a.aluMR(opAdc, rec(offDeadline+4), edx) // deadline += ticks
-	a.rdtsc()                               // edx:eax = now
-	a.movRM(ebx, rec(offDeadline))
-	a.movRM(ecx, rec(offDeadline+4))
-	a.aluRR(opSub, ebx, eax)
-	a.aluRR(opSbb, ecx, edx) // ecx:ebx = deadline - now
-	a.jcc(condL, "restart")  // behind
-	a.aluMR(opSub, rec(offScratch), ebx)
-	a.aluMR(opSbb, rec(offScratch+4), ecx) // ticks - (deadline - now)
-	a.jcc(condL, "restart")                // more than a page ahead
+// pace waits until the TSC reaches the deadline for this page, one
+// ticks-per-page after the last; all its state is in registers (the deadline
+// in ebp:esi), so pacing writes nothing. When behind it does not catch up
+// (deadline = now). When the last deadline is still ahead of the TSC (the
+// TSC moved back, as after a migration) or ticks-per-page changes while it
+// waits, it starts over from now, so a stale deadline never stalls it.
+func pace(a *asm, rec func(uint32) mem) {
+	lo, hi := rec(offTicks), rec(offTicks+4)
+	a.label("pace")
+	// ecx:ebx = ticks per page, read hi, lo, hi until hi holds still (the
+	// VMM stores all 64 bits at once).
+	a.movRM(ecx, hi)
+	a.movRM(ebx, lo)
+	a.aluRM(opCmp, ecx, hi)
+	a.jcc(condNZ, "pace")
+	a.rdtsc() // edx:eax = now
+	// Last deadline > now: the TSC went back.
+	a.aluRR(opCmp, ebp, edx)
+	a.jcc(condA, "restart")
+	a.jcc(condB, "advance")
+	a.aluRR(opCmp, esi, eax)
+	a.jcc(condA, "restart")
+	a.label("advance")
+	a.aluRR(opAdd, esi, ebx)
+	a.aluRR(opAdc, ebp, ecx) // deadline += ticks
+	// New deadline < now: behind.
+	a.aluRR(opCmp, ebp, edx)
+	a.jcc(condB, "restart")
+	a.jcc(condA, "spin")
+	a.aluRR(opCmp, esi, eax)
+	a.jcc(condB, "restart")
 	a.label("spin")
 	a.pause()
+	a.aluRM(opCmp, ebx, lo)
+	a.jcc(condNZ, "restart")
+	a.aluRM(opCmp, ecx, hi)
+	a.jcc(condNZ, "restart") // the rate changed
 	a.rdtsc()
-	a.aluRM(opSub, eax, rec(offDeadline))
-	a.aluRM(opSbb, edx, rec(offDeadline+4)) // now - deadline
-	a.jcc(condL, "spin")
-	a.jmp("paced")
+	// Until now >= deadline.
+	a.aluRR(opCmp, edx, ebp)
+	a.jcc(condB, "spin")
+	a.jcc(condA, "waited")
+	a.aluRR(opCmp, eax, esi)
+	a.jcc(condB, "spin")
+	a.jmp("waited")
 	a.label("restart")
-	a.movMR(rec(offDeadline), eax)
-	a.movMR(rec(offDeadline+4), edx) // deadline = now
-	a.label("paced")
+	a.movRR(esi, eax)
+	a.movRR(ebp, edx) // deadline = now
+	a.label("waited")
 }

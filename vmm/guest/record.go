@@ -8,8 +8,7 @@ import (
 
 // The per-vCPU record, RecordSize bytes at a 64-byte aligned guest address.
 // All fields are little-endian. "guest" fields are written only by the guest,
-// "VMM" fields only by the VMM; the guest's private fields are its own
-// scratch space (kept in the record so the programs need no stack).
+// "VMM" fields only by the VMM.
 //
 //	off size writer field
 //	0   4    guest  magic: Magic once the program has started
@@ -17,32 +16,30 @@ import (
 //	8   8    guest  pages touched (written or read), cumulative
 //	16  8    guest  passes completed over the whole region, cumulative
 //	24  8    VMM    ticks per page: TSC ticks between two pages, 0 = flat out
-//	32  8    guest  (private) pacing deadline, a TSC value
-//	40  8    guest  (private) scratch
+//	32  16   -      reserved, zero
 //	48  4    guest  region base
 //	52  4    guest  region size
 //	56  8    -      reserved, zero
 //
 // Torn reads: the guest runs in 32-bit mode, where two 32-bit stores would let
-// a reader see half an update when a counter carries into its upper half. So
-// the guest updates pages and passes with one `lock cmpxchg8b` each, an atomic
-// 64-bit store, and reads ticks-per-page the same way (a cmpxchg8b that
-// compares with 0 and writes back what it found); the VMM uses 64-bit atomic
-// loads and stores (ReadRecord, SetTicksPerPage). Every 64-bit value crossing
-// between guest and VMM is therefore read and written whole.
+// a reader see half an update when a counter carries into its upper dword. So
+// the guest increments only the low dword of pages (one 32-bit store) while it
+// cannot carry, and writes the whole quadword with one `lock cmpxchg8b` (an
+// atomic 64-bit store) when it does, and for passes. The VMM reads with 64-bit
+// atomic loads (ReadRecord), so it never sees a torn counter. The guest reads
+// ticks-per-page, which the VMM stores whole (SetTicksPerPage), as high, low,
+// high dwords until the high one holds still.
 const (
 	RecordSize = 64
 	Magic      = 0x5256474d // "MGVR"
 
-	offMagic    = 0
-	offMode     = 4
-	offPages    = 8
-	offPasses   = 16
-	offTicks    = 24
-	offDeadline = 32
-	offScratch  = 40
-	offBase     = 48
-	offSize     = 52
+	offMagic  = 0
+	offMode   = 4
+	offPages  = 8
+	offPasses = 16
+	offTicks  = 24
+	offBase   = 48
+	offSize   = 52
 )
 
 // Record is a snapshot of a vCPU's record.

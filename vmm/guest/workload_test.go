@@ -1,0 +1,305 @@
+package guest
+
+import (
+	"errors"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/migvisor/migvisor/vmm/kvm"
+)
+
+const (
+	testMemSize    = 8 << 20
+	testRegionSize = 1 << 20 // 256 pages
+)
+
+// machine is a one-vCPU KVM guest running one workload, with an optional
+// harvester collecting the dirty ring while it runs.
+type machine struct {
+	t    *testing.T
+	vm   *kvm.VM
+	mem  []byte
+	vcpu *kvm.VCPU
+	rec  uint64
+	tid  int
+	hz   uint64 // guest TSC frequency
+
+	stop    atomic.Bool
+	ran     chan error // the vCPU loop's end
+	exit    kvm.ExitReason
+	dirty   map[uint64]bool // guest pages harvested
+	harvest sync.WaitGroup
+	hstop   atomic.Bool
+	herr    error
+}
+
+func requireKVM(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat(kvm.DevicePath); errors.Is(err, os.ErrNotExist) {
+		t.Skipf("%s is absent: the workload tests run on KVM", kvm.DevicePath)
+	}
+	require.NoError(t, kvm.Available())
+}
+
+// start loads p's program for vCPU 0 at the suggested addresses and runs it;
+// ring > 0 gives the VM a dirty ring of that many entries, harvested while
+// the guest runs. Without a ring, memory is not dirty-tracked.
+func start(t *testing.T, p Params, ring int, ticksPerPage uint64) *machine {
+	return startAt(t, p, ring, ticksPerPage, 0)
+}
+
+// startAt is start with the record's pages counter preset to pages.
+func startAt(t *testing.T, p Params, ring int, ticksPerPage, pages uint64) *machine {
+	requireKVM(t)
+	sys, err := kvm.Open()
+	require.NoError(t, err)
+	t.Cleanup(func() { sys.Close() })
+	vm, err := sys.CreateVM()
+	require.NoError(t, err)
+	t.Cleanup(func() { vm.Close() })
+	mem, err := unix.Mmap(-1, 0, testMemSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	require.NoError(t, err)
+	t.Cleanup(func() { unix.Munmap(mem) })
+	if ring > 0 {
+		require.NoError(t, vm.EnableDirtyRing(ring))
+	}
+	require.NoError(t, vm.SetMemoryRegion(0, 0, mem, ring > 0))
+
+	code, err := Program(p)
+	require.NoError(t, err)
+	copy(mem[CodeAddr(0):], code)
+	InitRecord(mem, p.RecordAddr, ticksPerPage)
+	atomic.StoreUint64(word64(mem, p.RecordAddr+offPages), pages)
+	vcpu, err := vm.CreateVCPU(0)
+	require.NoError(t, err)
+	require.NoError(t, kvm.SetupProtectedMode(vcpu, uint32(CodeAddr(0)), 0))
+	// vCPU ioctls wait while the vCPU runs: ask before it does.
+	khz, err := vcpu.TSCKHz()
+	require.NoError(t, err)
+
+	m := &machine{t: t, vm: vm, mem: mem, vcpu: vcpu, rec: p.RecordAddr, hz: khz * 1000,
+		ran: make(chan error, 1), dirty: map[uint64]bool{}}
+	if ring > 0 {
+		m.harvest.Go(func() {
+			for !m.hstop.Load() {
+				m.harvestOnce()
+				time.Sleep(100 * time.Microsecond)
+			}
+		})
+	}
+	tids := make(chan int)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tids <- unix.Gettid()
+		m.ran <- m.loop()
+	}()
+	m.tid = <-tids
+	t.Cleanup(func() { m.halt() })
+	return m
+}
+
+// loop is the vCPU thread: run until stopped or halted, re-entering after
+// ring-full exits (the harvester catches up) and stray signals.
+func (m *machine) loop() error {
+	for {
+		err := m.vcpu.Run()
+		switch {
+		case errors.Is(err, unix.EINTR):
+			m.vcpu.SetImmediateExit(false)
+			if m.stop.Load() {
+				return nil
+			}
+			continue
+		case err != nil:
+			return err
+		}
+		switch m.exit = m.vcpu.ExitReason(); m.exit {
+		case kvm.ExitDirtyRingFull:
+			runtime.Gosched()
+		case kvm.ExitHLT:
+			return nil
+		default:
+			return errors.New("unexpected exit " + m.vcpu.ExitDetail())
+		}
+	}
+}
+
+func (m *machine) harvestOnce() {
+	_, err := m.vcpu.Ring().Harvest(func(slot uint32, off uint64) { m.dirty[off] = true })
+	if err != nil && m.herr == nil {
+		m.herr = err
+	}
+	_, err = m.vm.ResetDirtyRings()
+	if err != nil && m.herr == nil {
+		m.herr = err
+	}
+}
+
+// halt stops the vCPU (if it still runs) and the harvester, harvesting what
+// is left; it returns the vCPU loop's error.
+func (m *machine) halt() error {
+	if m.ran == nil {
+		return nil
+	}
+	m.stop.Store(true)
+	require.NoError(m.t, m.vcpu.Kick(m.tid))
+	err := <-m.ran
+	m.ran = nil
+	if m.vcpu.Ring() != nil {
+		m.hstop.Store(true)
+		m.harvest.Wait()
+		m.harvestOnce()
+	}
+	return err
+}
+
+func (m *machine) record() Record { return ReadRecord(m.mem, m.rec) }
+
+// waitPasses waits until the guest has completed n passes over its region.
+func (m *machine) waitPasses(n uint64) {
+	require.Eventually(m.t, func() bool {
+		select {
+		case err := <-m.ran:
+			m.ran <- err
+			require.FailNow(m.t, "the vCPU stopped", "%v, record %+v", err, m.record())
+		default:
+		}
+		return m.record().Passes >= n
+	}, 20*time.Second, time.Millisecond, "guest stuck at %+v", m.record())
+}
+
+func pagesOf(base, size uint64) map[uint64]bool {
+	s := map[uint64]bool{}
+	for a := base; a < base+size; a += PageSize {
+		s[a/PageSize] = true
+	}
+	return s
+}
+
+func TestWorkloadsDirtyWhatTheyTouch(t *testing.T) {
+	rec := RecordAddr(0)
+	recPage := pagesOf(rec&^(PageSize-1), PageSize)
+	// Whole-page writes use a smaller region: hosts that emulate the guest
+	// (PVM) log every store, so each page is 1024 ring entries there.
+	const small = 16 * PageSize
+	tests := []struct {
+		name string
+		p    Params
+		want map[uint64]bool
+	}{
+		{"write", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: rec},
+			union(pagesOf(RegionStart, testRegionSize), recPage)},
+		{"write 4 bytes", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize,
+			BytesPerPage: 4, RecordAddr: rec},
+			union(pagesOf(RegionStart, testRegionSize), recPage)},
+		{"write whole pages", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: small,
+			BytesPerPage: PageSize, RecordAddr: rec},
+			union(pagesOf(RegionStart, small), recPage)},
+		{"read", Params{Mode: ModeRead, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: rec},
+			recPage},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := start(t, tt.p, 4096, 0)
+			m.waitPasses(3)
+			require.NoError(t, m.halt())
+			require.NoError(t, m.herr)
+			assert.Equal(t, tt.want, m.dirty)
+
+			r := m.record()
+			assert.True(t, r.Started)
+			assert.Equal(t, tt.p.Mode, r.Mode)
+			assert.Equal(t, uint32(RegionStart), r.RegionBase)
+			assert.Equal(t, uint32(tt.p.RegionSize), r.RegionSize)
+			pages := tt.p.RegionSize / PageSize
+			assert.GreaterOrEqual(t, r.Pages, r.Passes*pages)
+			assert.Less(t, r.Pages, (r.Passes+1)*pages)
+			if tt.p.Mode == ModeWrite {
+				// Every page holds the stamp of the pass that last wrote it.
+				last := ReadRecord(m.mem, rec).Passes
+				for a := tt.p.RegionBase; a < tt.p.RegionBase+tt.p.RegionSize; a += PageSize {
+					v := uint64(m.mem[a]) | uint64(m.mem[a+1])<<8
+					require.Contains(t, []uint64{last, last + 1}, v, "page %#x", a)
+				}
+			}
+		})
+	}
+}
+
+func union(a, b map[uint64]bool) map[uint64]bool {
+	for k := range b {
+		a[k] = true
+	}
+	return a
+}
+
+func TestIdleHalts(t *testing.T) {
+	m := start(t, Params{Mode: ModeIdle, RecordAddr: RecordAddr(3)}, 4096, 0)
+	require.NoError(t, <-m.ran)
+	m.ran = nil
+	assert.Equal(t, kvm.ExitHLT, m.exit)
+	m.hstop.Store(true)
+	m.harvest.Wait()
+	m.harvestOnce()
+	require.NoError(t, m.herr)
+	assert.Equal(t, pagesOf(RecordBase, PageSize), m.dirty)
+	r := m.record()
+	assert.True(t, r.Started)
+	assert.Equal(t, ModeIdle, r.Mode)
+}
+
+// The pages counter carries from its low to its high dword.
+func TestCountersCarry(t *testing.T) {
+	const from = 1<<32 - 5
+	p := Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: RecordAddr(0)}
+	m := startAt(t, p, 0, 0, from)
+	m.waitPasses(1)
+	require.NoError(t, m.halt())
+	r := m.record()
+	assert.Greater(t, r.Pages, uint64(1<<32))
+	assert.GreaterOrEqual(t, r.Pages, from+r.Passes*testRegionSize/PageSize)
+	assert.Less(t, r.Pages, from+(r.Passes+1)*testRegionSize/PageSize)
+}
+
+// rateOver measures the guest's pages/s over d.
+func (m *machine) rateOver(d time.Duration) float64 {
+	p0, t0 := m.record().Pages, time.Now()
+	time.Sleep(d)
+	p1, t1 := m.record().Pages, time.Now()
+	return float64(p1-p0) / t1.Sub(t0).Seconds()
+}
+
+// Pacing: the guest keeps near the rate it is given, well below flat out,
+// and follows changes made while it runs. The bounds are deliberately loose.
+func TestPacing(t *testing.T) {
+	p := Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: RecordAddr(0)}
+	m := start(t, p, 0, 0)
+	hz := m.hz
+
+	flat := m.rateOver(300 * time.Millisecond)
+	const rate = 4 << 20 // bytes/s: 1024 pages/s
+	SetTicksPerPage(m.mem, m.rec, TicksPerPage(rate, hz))
+	paced := m.rateOver(time.Second)
+	SetTicksPerPage(m.mem, m.rec, TicksPerPage(4*rate, hz))
+	faster := m.rateOver(500 * time.Millisecond)
+	SetTicksPerPage(m.mem, m.rec, 0)
+	flatAgain := m.rateOver(300 * time.Millisecond)
+	require.NoError(t, m.halt())
+	t.Logf("pages/s: flat %.0f, paced at %d %.0f, at %d %.0f, flat again %.0f",
+		flat, rate/PageSize, paced, 4*rate/PageSize, faster, flatAgain)
+
+	target := float64(rate / PageSize)
+	assert.Less(t, paced, flat/4, "paced well below flat out")
+	assert.InDelta(t, target, paced, target/2, "paced near its target")
+	assert.Greater(t, faster, 2*paced, "a raised rate is taken up while running")
+	assert.Greater(t, flatAgain, 4*faster, "rate 0 is flat out again")
+}
