@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"errors"
+	"fmt"
 	"math/bits"
 	"runtime"
 	"sync"
@@ -52,9 +53,14 @@ func reapIntervalCap(ringSize int) time.Duration {
 
 // reaper is the single producer of dirty pages: it harvests the rings (or the bitmap) and
 // hands each page to the per-vCPU counters and every open DirtyLog.
+//
+// With a ring it runs one thread per host CPU (up to reapMaxThreads), each pinned to its CPU
+// at a real-time priority, taking turns: a vCPU filling its ring is then always on a CPU
+// whose reaper preempts it, and when the project's hosts stall one CPU for milliseconds
+// (they do, even for real-time threads) the reaper of another CPU carries on.
 type reaper struct {
-	m    *Machine
-	wake chan struct{}
+	m     *Machine
+	wakes []chan struct{} // one per thread
 
 	mu        sync.Mutex // one pass at a time; guards the fields below
 	logs      []*DirtyLog
@@ -62,53 +68,88 @@ type reaper struct {
 	interval  time.Duration
 	maxIntvl  time.Duration
 	visitFn   func(page uint64)
+	unreset   int  // entries harvested since the last reset
 	bad       bool // the current pass met an impossible page
 
 	failSafes atomic.Uint64
 	passes    atomic.Uint64
 }
 
+const reapMaxThreads = 4
+
 func newReaper(m *Machine) *reaper {
-	r := &reaper{m: m, wake: make(chan struct{}, 1), sinceFull: make([]int, len(m.cpus)),
+	r := &reaper{m: m, sinceFull: make([]int, len(m.cpus)),
 		interval: reapMinInterval, maxIntvl: reapIntervalCap(m.cfg.DirtyRingSize)}
 	r.visitFn = r.deliver
 	return r
 }
 
-func (r *reaper) wakeUp() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
+// start starts the reaper threads (none without a ring: the bitmap is synced on demand).
+func (r *reaper) start() {
+	if r.m.cfg.DirtyRingSize == 0 {
+		return
+	}
+	var set unix.CPUSet
+	cpus := []int{-1} // unpinned if the affinity cannot be read
+	if unix.SchedGetaffinity(0, &set) == nil {
+		cpus = cpus[:0]
+		for c := 0; c < len(set)*64 && len(cpus) < reapMaxThreads; c++ {
+			if set.IsSet(c) {
+				cpus = append(cpus, c)
+			}
+		}
+	}
+	for _, c := range cpus {
+		w := make(chan struct{}, 1)
+		r.wakes = append(r.wakes, w)
+		r.m.wg.Add(1)
+		go r.loop(c, w, len(r.wakes) == 1)
 	}
 }
 
-// loop runs passes while any vCPU may run. It lives on its own OS thread, with a real-time
-// priority where allowed so that busy vCPU threads cannot delay it, and sleeps with
-// nanosleep: Go timers round sub-millisecond sleeps up to about a millisecond.
-func (r *reaper) loop() {
-	defer r.m.wg.Done()
-	if r.m.cfg.DirtyRingSize == 0 {
-		return // the bitmap is synced on demand
+func (r *reaper) wakeUp() {
+	for _, w := range r.wakes {
+		select {
+		case w <- struct{}{}:
+		default:
+		}
 	}
+}
+
+// loop runs passes while any vCPU may run, on its own OS thread pinned to hostCPU (-1: not
+// pinned), and sleeps with nanosleep: Go timers round sub-millisecond sleeps up to about a
+// millisecond. The first thread reports what it could not set up.
+func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
+	defer r.m.wg.Done()
 	runtime.LockOSThread()
-	// The thread keeps its priority and dies with the goroutine (no UnlockOSThread).
+	// The thread keeps its affinity and priority and dies with the goroutine (no
+	// UnlockOSThread).
+	if hostCPU >= 0 {
+		var set unix.CPUSet
+		set.Set(hostCPU)
+		unix.SchedSetaffinity(0, &set)
+	}
 	attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_FIFO, Priority: reapPriority}
-	if err := unix.SchedSetAttr(0, &attr, 0); err != nil {
+	if err := unix.SchedSetAttr(0, &attr, 0); err != nil && first {
 		r.m.logf("dirty ring reaper runs without real-time priority (%v): under CPU contention a ring may overflow", err)
 	}
 	for {
 		if !r.m.running() {
 			r.harvest() // pages dirtied just before the stop
 			select {
-			case <-r.wake:
+			case <-wake:
 				continue
 			case <-r.m.done:
 				return
 			}
 		}
-		fill := r.harvest()
-		r.adapt(fill)
-		ts := unix.NsecToTimespec(int64(r.interval))
+		interval := r.maxIntvl
+		if r.mu.TryLock() { // else another thread is at it
+			r.adapt(r.passLocked(false))
+			interval = r.interval
+			r.mu.Unlock()
+		}
+		ts := unix.NsecToTimespec(int64(interval))
 		for unix.Nanosleep(&ts, &ts) == unix.EINTR {
 		}
 		select {
@@ -135,7 +176,7 @@ func (r *reaper) adapt(fill int) {
 func (r *reaper) harvest() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.passLocked()
+	return r.passLocked(true)
 }
 
 // ringFull serves a vCPU whose ring filled up (a real KVM_EXIT_DIRTY_RING_FULL or the soft
@@ -145,12 +186,16 @@ func (r *reaper) ringFull(cpu int) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	before := r.m.cpus[cpu].dirty.Load()
-	r.passLocked()
+	r.passLocked(true)
 	r.sinceFull[cpu] = 0
 	return r.m.cpus[cpu].dirty.Load() - before
 }
 
-func (r *reaper) passLocked() int {
+// passLocked harvests every ring and hands the pages on. It resets the rings once a quarter
+// ring's worth of entries has been harvested, and always when forceReset is set: everything a
+// pass with forceReset delivered is re-armed when it returns, so a consumer may then read the
+// pages' contents (DirtyLog.Sync, Harvest).
+func (r *reaper) passLocked(forceReset bool) int {
 	m := r.m
 	r.passes.Add(1)
 	if m.cfg.DirtyRingSize == 0 {
@@ -184,7 +229,9 @@ func (r *reaper) passLocked() int {
 			m.Kick(c.id)
 		}
 	}
-	if total > 0 {
+	r.unreset += total
+	if r.unreset > 0 && (forceReset || r.unreset >= m.cfg.DirtyRingSize/4) {
+		r.unreset = 0
 		if err := m.be.resetRings(); err != nil {
 			r.failSafeLocked(-1, err)
 		}
@@ -215,7 +262,11 @@ func (r *reaper) failSafe(cpu int, err error) {
 func (r *reaper) failSafeLocked(cpu int, err error) {
 	n := r.failSafes.Add(1)
 	if n&(n-1) == 0 { // a broken ring can repeat this at a high rate: log 1, 2, 4, 8... times
-		r.m.logf("dirty tracking of vCPU %d inconsistent (%v): marking all guest memory dirty (%d times so far)", cpu, err, n)
+		what := fmt.Sprintf("of vCPU %d", cpu)
+		if cpu < 0 {
+			what = "of the machine"
+		}
+		r.m.logf("dirty tracking %s inconsistent (%v): marking all guest memory dirty (%d times so far)", what, err, n)
 	}
 	for _, d := range r.logs {
 		d.setAll()
@@ -244,7 +295,7 @@ func (m *Machine) NewDirtyLog() *DirtyLog {
 	r := m.rp
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.passLocked() // what was dirtied before belongs to the views already open
+	r.passLocked(true) // what was dirtied before belongs to the views already open
 	d := &DirtyLog{r: r, bits: make([]uint64, (m.pages+63)/64)}
 	r.logs = append(r.logs, d)
 	return d
@@ -259,7 +310,7 @@ func (d *DirtyLog) Sync(dst []uint64) int {
 	if d.bits == nil {
 		return 0
 	}
-	r.passLocked()
+	r.passLocked(true)
 	n := 0
 	for i, w := range d.bits[:min(len(d.bits), len(dst))] {
 		if w == 0 {

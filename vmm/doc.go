@@ -17,8 +17,8 @@
 // # Dirty pages
 //
 // With a dirty ring (Config.DirtyRingSize entries per vCPU) a reaper thread harvests every
-// ring while the vCPUs run, every 100 µs to 1 ms so that no ring gets near full (the host
-// notes: KVM's own ring-full exit cannot be relied on), then resets the rings. Each page it
+// ring while the vCPUs run, every 50 µs to 1 ms so that no ring gets near full (the host
+// notes: KVM's own ring-full exit cannot be relied on), and resets the rings. Each page it
 // harvests goes, with the vCPU that dirtied it, to that vCPU's cumulative counter
 // (DirtyPages) and to every open DirtyLog (migration's bitmap; each view is independent).
 // Harvest runs one pass synchronously. When a ring received its size in entries since that

@@ -172,8 +172,8 @@ func New(cfg Config) (*Machine, error) {
 	for range m.cpus {
 		<-ready
 	}
-	m.wg.Add(2)
-	go m.rp.loop()
+	m.rp.start()
+	m.wg.Add(1)
 	go m.stats.loop()
 	if cfg.Initial == Running {
 		m.mu.Lock()

@@ -13,7 +13,8 @@ import (
 type region struct{ start, size uint64 }
 
 // layout places the workloads: each vCPU's code page and record below 1 MiB (where vmm/guest
-// puts them, for both backends), then the regions one after the other from 1 MiB up.
+// puts them, for both backends), then the regions one after the other from 1 MiB up, in vCPU
+// order; workloads without a size share the memory the others leave.
 type layout struct {
 	work    []Workload // resolved: mode and bytes per page filled in
 	regions []region   // zero for idle vCPUs
@@ -26,7 +27,6 @@ func newLayout(cfg Config) (layout, error) {
 		return layout{}, fmt.Errorf("vmm: at most %d vCPUs", (guest.RecordBase-guest.CodeBase)/guest.CodeStride)
 	}
 	l := layout{work: make([]Workload, n), regions: make([]region, n), records: make([]uint64, n)}
-	busy := 0
 	for i := range l.work {
 		if i < len(cfg.Workloads) {
 			l.work[i] = cfg.Workloads[i]
@@ -36,7 +36,6 @@ func newLayout(cfg Config) (layout, error) {
 		switch w.Mode {
 		case ModeIdle:
 		case ModeWrite, ModeRead:
-			busy++
 		default:
 			return layout{}, fmt.Errorf("vmm: vCPU %d: workload mode %q", i, w.Mode)
 		}
@@ -49,12 +48,25 @@ func newLayout(cfg Config) (layout, error) {
 		l.records[i] = guest.RecordAddr(i)
 	}
 	if cfg.MemSize <= guest.RegionStart {
-		if busy > 0 {
-			return layout{}, fmt.Errorf("vmm: workloads need guest memory above 1 MiB")
+		for _, w := range l.work {
+			if w.Mode != ModeIdle {
+				return layout{}, fmt.Errorf("vmm: workloads need guest memory above 1 MiB")
+			}
 		}
 		return l, nil
 	}
-	def := (cfg.MemSize - guest.RegionStart) / uint64(max(busy, 1)) / PageSize * PageSize
+	// Workloads without a size share what the sized ones leave, in whole pages.
+	left, unsized := cfg.MemSize-guest.RegionStart, uint64(0)
+	for _, w := range l.work {
+		switch {
+		case w.Mode == ModeIdle:
+		case w.Size == 0:
+			unsized++
+		default:
+			left -= min(left, w.Size)
+		}
+	}
+	def := left / max(unsized, 1) / PageSize * PageSize
 	next := uint64(guest.RegionStart)
 	for i, w := range l.work {
 		if w.Mode == ModeIdle {

@@ -1,0 +1,43 @@
+package vmm
+
+import (
+	"testing"
+
+	"github.com/migvisor/migvisor/qerr"
+	"github.com/stretchr/testify/require"
+)
+
+// A machine loaded with another's memory and vCPU state carries on where it stopped.
+func TestSaveLoadCPU(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		cfg := Config{Accel: accel, Initial: Running,
+			Workloads: []Workload{{Mode: ModeWrite, Size: 64 * PageSize}, {Mode: ModeRead, Size: 32 * PageSize}}}
+		src := newMachine(t, cfg)
+		_, err := src.SaveCPU()
+		require.Equal(t, qerr.Generic(errNotPaused), err)
+		waitFor(t, "some passes", func() bool { return src.WorkloadStats()[0].Passes > 3 })
+		require.NoError(t, src.Pause(FinishMigrate))
+		blob, err := src.SaveCPU()
+		require.NoError(t, err)
+		at := src.WorkloadStats()
+
+		cfg.Initial = InMigrate
+		dst := newMachine(t, cfg)
+		require.Error(t, dst.LoadCPU(blob[:len(blob)-1]))
+		require.Error(t, dst.LoadCPU(append([]byte("XXXX"), blob[4:]...)))
+		copy(dst.Memory(), src.Memory())
+		require.NoError(t, dst.LoadCPU(blob))
+		require.Equal(t, at, dst.WorkloadStats()[:2], "the records came with the memory")
+		require.NoError(t, dst.Resume())
+		waitFor(t, "progress", func() bool {
+			s := dst.WorkloadStats()
+			return s[0].Passes > at[0].Passes+2 && s[1].Passes > at[1].Passes+2
+		})
+		require.NoError(t, dst.Stop())
+		for cpu, s := range dst.WorkloadStats() {
+			// Pages and passes go on from the saved values, so a restart from zero would show.
+			require.Equal(t, s.Pages/(s.RegionSize/PageSize), s.Passes, "vCPU %d", cpu)
+			require.Greater(t, s.Pages, at[cpu].Pages, "vCPU %d", cpu)
+		}
+	})
+}

@@ -1,0 +1,254 @@
+package vmm
+
+import (
+	"bytes"
+	"fmt"
+	"math/bits"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/migvisor/migvisor/vmm/guest"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+)
+
+func bitmapFor(m *Machine) []uint64 { return make([]uint64, (len(m.Memory())/PageSize+63)/64) }
+
+func pagesIn(bm []uint64) []uint64 {
+	var out []uint64
+	for i, w := range bm {
+		for w != 0 {
+			b := bits.TrailingZeros64(w)
+			w &^= 1 << b
+			out = append(out, uint64(i*64+b))
+		}
+	}
+	return out
+}
+
+func pageRange(start, size uint64) []uint64 {
+	var out []uint64
+	for p := start / PageSize; p < (start+size)/PageSize; p++ {
+		out = append(out, p)
+	}
+	return out
+}
+
+// The pages a known workload dirties are exactly the pages harvested: its write region and
+// the records' page; never the read region or the code.
+func TestDirtySetIsExact(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		for _, ring := range []int{0, testRing(accel)} {
+			t.Run(fmt.Sprintf("ring=%d", ring), func(t *testing.T) {
+				m := newMachine(t, Config{Accel: accel, DirtyRingSize: ring, Initial: Prelaunch,
+					Workloads: []Workload{{Mode: ModeWrite, Size: 64 * PageSize}, {Mode: ModeRead, Size: 16 * PageSize}}})
+				log := m.NewDirtyLog()
+				defer log.Close()
+				require.NoError(t, m.Cont())
+				waitFor(t, "two passes of each workload", func() bool {
+					s := m.WorkloadStats()
+					return s[0].Passes >= 2 && s[1].Passes >= 2
+				})
+				require.NoError(t, m.Stop())
+				bm := bitmapFor(m)
+				n := log.Sync(bm)
+
+				st := m.WorkloadStats()
+				want := append([]uint64{guest.RecordBase / PageSize}, pageRange(st[0].RegionStart, st[0].RegionSize)...)
+				sort.Slice(want, func(i, j int) bool { return want[i] < want[j] })
+				require.Equal(t, want, pagesIn(bm))
+				require.Equal(t, len(want), n)
+				require.Zero(t, log.Sync(bm), "a second sync adds nothing")
+				if ring == 0 {
+					require.Zero(t, m.DirtyPages(0))
+					require.Zero(t, m.DirtyPages(1))
+				} else {
+					// vCPU 1's only dirty page, the records', is vCPU 0's too: either may log it.
+					require.GreaterOrEqual(t, m.DirtyPages(0)+m.DirtyPages(1), uint64(64+1))
+				}
+				require.Zero(t, m.DirtyFailSafes())
+			})
+		}
+	})
+}
+
+// Over sustained writing no dirty page is lost: a copy of guest memory kept up to date the way
+// migration does it (copy each page Sync reports, after the Sync) ends equal to the memory.
+// Every pass stores a new value in every page, so a page missed after its last write would
+// differ.
+func TestNoDirtyPageLost(t *testing.T) {
+	dur := 10 * time.Second
+	if testing.Short() {
+		dur = 2 * time.Second
+	}
+	forEachBackend(t, func(t *testing.T, accel string) {
+		for _, ring := range []int{testRing(accel), 0} {
+			t.Run(fmt.Sprintf("ring=%d", ring), func(t *testing.T) {
+				dur := dur
+				if ring == 0 { // the bitmap path has no reaper to race with: a short run will do
+					dur = min(dur, 2*time.Second)
+				}
+				m := newMachine(t, Config{Accel: accel, DirtyRingSize: ring, Initial: Running,
+					Workloads: []Workload{{Mode: ModeWrite, Size: 4 << 20}, {Mode: ModeWrite, Size: 2 << 20, BytesPerPage: 4}}})
+				mem := m.Memory()
+				log := m.NewDirtyLog()
+				defer log.Close()
+				shadow := bytes.Clone(mem) // migration's first pass: everything
+				bm := bitmapFor(m)
+				copyDirty := func() {
+					log.Sync(bm)
+					for _, p := range pagesIn(bm) {
+						copy(shadow[p*PageSize:(p+1)*PageSize], mem[p*PageSize:(p+1)*PageSize])
+					}
+					clear(bm)
+				}
+				start := m.WorkloadStats()
+				for end := time.Now().Add(dur); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+					copyDirty()
+				}
+				require.NoError(t, m.Pause(FinishMigrate))
+				copyDirty()
+
+				st := m.WorkloadStats()
+				for cpu := range st {
+					// A ring that KVM left out of step stalls its vCPU; that must have failed safe.
+					if m.DirtyFailSafes() == 0 {
+						require.GreaterOrEqual(t, st[cpu].Passes, start[cpu].Passes+2, "vCPU %d made too little progress to test anything", cpu)
+					}
+				}
+				if !bytes.Equal(shadow, mem) {
+					var lost []uint64
+					for p := uint64(0); p < uint64(len(mem)/PageSize); p++ {
+						if !bytes.Equal(shadow[p*PageSize:(p+1)*PageSize], mem[p*PageSize:(p+1)*PageSize]) {
+							lost = append(lost, p)
+						}
+					}
+					t.Fatalf("%d dirty pages were never reported after their last write, e.g. %v", len(lost), lost[:min(len(lost), 10)])
+				}
+				t.Logf("passes %d and %d, harvested %d and %d, fail-safes %d", st[0].Passes, st[1].Passes,
+					m.DirtyPages(0), m.DirtyPages(1), m.DirtyFailSafes())
+				if accel == AccelSoft {
+					require.Zero(t, m.DirtyFailSafes())
+				}
+			})
+		}
+	})
+}
+
+// Views are independent: syncing one leaves the others' pages alone.
+func TestDirtyLogsAreIndependent(t *testing.T) {
+	m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: Running,
+		Workloads: []Workload{{Mode: ModeWrite, Size: 8 * PageSize}}})
+	a, b := m.NewDirtyLog(), m.NewDirtyLog()
+	waitFor(t, "a pass", func() bool { return m.WorkloadStats()[0].Passes > 0 })
+	require.NoError(t, m.Stop())
+	bmA, bmB := bitmapFor(m), bitmapFor(m)
+	require.Equal(t, 9, a.Sync(bmA))
+	require.Zero(t, a.Sync(bmA))
+	require.Equal(t, 9, b.Sync(bmB))
+	require.Equal(t, bmA, bmB)
+
+	b.Close()
+	require.Zero(t, b.Sync(bitmapFor(m)))
+	c := m.NewDirtyLog()
+	require.Zero(t, c.Sync(bitmapFor(m)), "a new view starts empty")
+	passes := m.WorkloadStats()[0].Passes
+	require.NoError(t, m.Cont())
+	waitFor(t, "a pass", func() bool { return m.WorkloadStats()[0].Passes > passes })
+	require.NoError(t, m.Stop())
+	require.Equal(t, 9, c.Sync(bitmapFor(m)))
+}
+
+// A ring that cannot be right makes every page dirty in every view and is counted and logged.
+func TestInconsistentRingFailsSafe(t *testing.T) {
+	var mu sync.Mutex
+	var lines []string
+	m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: Prelaunch,
+		Logf: func(f string, a ...any) { mu.Lock(); lines = append(lines, fmt.Sprintf(f, a...)); mu.Unlock() }})
+	log := m.NewDirtyLog()
+	r := m.be.(*softBackend).cpus[1].ring
+	r.dirty.Store(r.resetAt.Load() + 1025) // more entries than the ring has
+	m.Harvest()
+	r.dirty.Store(r.resetAt.Load())
+	require.Equal(t, uint64(1), m.DirtyFailSafes())
+	bm := bitmapFor(m)
+	require.Equal(t, len(m.Memory())/PageSize, log.Sync(bm))
+	mu.Lock()
+	require.Len(t, lines, 1)
+	require.Contains(t, lines[0], "vCPU 1")
+	mu.Unlock()
+}
+
+// The ring-full hook runs on the vCPU's own thread each time its ring has received its size
+// in entries.
+func TestRingFullHookOnVCPUThread(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		ring := testRing(accel)
+		m := newMachine(t, Config{Accel: accel, DirtyRingSize: ring, Initial: Prelaunch,
+			Workloads: []Workload{{Mode: ModeIdle}, {Mode: ModeWrite, Size: 4 << 20}}})
+		var mu sync.Mutex
+		calls := map[int]int{}
+		var wrong []string
+		m.SetRingFullHook(func(cpu int) {
+			mu.Lock()
+			defer mu.Unlock()
+			calls[cpu]++
+			if tid := unix.Gettid(); tid != m.ThreadID(cpu) {
+				wrong = append(wrong, fmt.Sprintf("vCPU %d's hook on thread %d, not %d", cpu, tid, m.ThreadID(cpu)))
+			}
+		})
+		require.NoError(t, m.Cont())
+		waitFor(t, "three ring-full events", func() bool { mu.Lock(); defer mu.Unlock(); return calls[1] >= 3 })
+		require.NoError(t, m.Stop())
+		mu.Lock()
+		defer mu.Unlock()
+		require.Empty(t, wrong)
+		require.Zero(t, calls[0], "the idle vCPU's ring never filled")
+		require.GreaterOrEqual(t, m.DirtyPages(1), uint64(3*ring))
+	})
+}
+
+// Kick makes a vCPU run the hook soon, whether it is in guest mode or halted.
+func TestKickRunsHook(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		m := newMachine(t, Config{Accel: accel, Initial: Running,
+			Workloads: []Workload{{Mode: ModeWrite, Size: 1 << 20}, {Mode: ModeIdle}}})
+		ran := make(chan [2]int, 1)
+		m.SetRingFullHook(func(cpu int) { ran <- [2]int{cpu, unix.Gettid()} })
+		for i := range 50 {
+			cpu := i % 2
+			m.Kick(cpu)
+			require.Equal(t, [2]int{cpu, m.ThreadID(cpu)}, <-ran)
+		}
+		m.SetRingFullHook(nil)
+	})
+}
+
+// Stop returns with every vCPU outside guest mode, even one sleeping in the hook or halted.
+func TestStopWaitsForVCPUs(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		m := newMachine(t, Config{Accel: accel, Initial: Running,
+			Workloads: []Workload{{Mode: ModeWrite, Size: 1 << 20}, {Mode: ModeIdle}}})
+		inHook := make(chan struct{})
+		release := make(chan struct{})
+		m.SetRingFullHook(func(cpu int) {
+			inHook <- struct{}{}
+			<-release
+		})
+		m.Kick(0)
+		<-inHook
+		stopped := make(chan struct{})
+		go func() { m.Stop(); close(stopped) }()
+		select {
+		case <-stopped:
+			t.Fatal("Stop returned while vCPU 0 was still in its hook")
+		case <-time.After(50 * time.Millisecond):
+		}
+		close(release)
+		<-stopped
+		require.Equal(t, Paused, m.RunState())
+		m.SetRingFullHook(nil)
+	})
+}
