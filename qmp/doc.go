@@ -1,0 +1,26 @@
+// Package qmp speaks QEMU's QMP exactly as QEMU 10 does, so that management tools written for
+// QEMU cannot tell migvisor from it: the server side for the daemon, a client for tools and tests.
+//
+// Server: NewServer takes the command catalog (the QAPI schema, through the Catalog interface)
+// and the version to report; Handle registers a handler per command; Serve runs on as many
+// listeners as wanted. qmp_capabilities, query-version, query-commands and query-qmp-schema are
+// built in.
+//
+//	srv := qmp.NewServer(schema.Default(), qmp.Version{Major: 10, Minor: 0, Micro: 2})
+//	srv.Handle("stop", func(ctx context.Context, args json.RawMessage) (any, error) {
+//		return nil, machine.Stop() // emits STOP through srv.Emit before the reply
+//	})
+//	go srv.Serve(unixListener)
+//	defer srv.Close()
+//
+// What the wire sees follows QEMU: the input is read by a port of QEMU's JSON lexer, streamer
+// and parser behaviour (single quotes, error texts, how much input an error swallows, limits);
+// requests are checked in qmp_dispatch's order with its texts; output uses QEMU's separators,
+// escapes, number formats and even its hash-table member order, each message ending in CRLF.
+// In-band commands run one at a time across all clients, as under QEMU's big lock, and each
+// client gets its replies in request order; exec-oob commands run at once. Events go to every
+// client past negotiation; an event emitted by a handler precedes the handler's reply.
+//
+// Client: Dial connects and negotiates; Execute matches replies by id and returns QMP errors
+// as *qerr.Error; Events delivers events without ever blocking the connection.
+package qmp
