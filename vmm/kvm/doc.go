@@ -3,6 +3,9 @@
 // touches memory shared with the kernel (the vCPU's kvm_run page and its dirty
 // ring), so every unsafe pointer and every C layout lives here.
 //
+// vCPU ioctls (Regs, Sregs, TSCKHz...) wait while the vCPU is in Run: issue
+// them on the vCPU's thread or while it is stopped.
+//
 // Typical use:
 //
 //	sys, err := kvm.Open()                  // or kvm.Available() to decide on a fallback
@@ -33,10 +36,17 @@
 // With EnableDirtyRing, every vCPU gets a ring of kvm_dirty_gfn entries
 // (VCPU.Ring). A harvester calls DirtyRing.Harvest while the vCPU runs, then
 // VM.ResetDirtyRings, and only then reads the contents of the harvested pages.
-// Harvest and ResetDirtyRings must be serialised (one reaper goroutine); Harvest
-// of different rings may run concurrently with each other and with Run. The
-// ring's soft-full exit (ExitDirtyRingFull) is not reliable on every host (see
-// the host notes): harvest often enough that the ring never fills.
+// Harvest, Recover and ResetDirtyRings serialise on each ring's lock, so a
+// reaper goroutine and the vCPU's own thread may both harvest. The ring's
+// soft-full exit (ExitDirtyRingFull) is not reliable on every host (see the
+// host notes): harvest often enough that the ring never fills. On a ring-full
+// exit, harvest on the vCPU thread; if that finds nothing, the ring is stuck
+// (seen on nested PVM under sustained load) and Recover moves it on, reporting
+// ErrRingInconsistent: treat all of guest memory as dirty then.
+//
+// On hosts that emulate the guest's 32-bit code (nested PVM), every emulated
+// store is a ring entry, even to a page already dirty since the last reset:
+// count entries as writes, not as distinct pages.
 //
 // Without a ring, SetMemoryRegion(..., logDirty=true) and VM.GetDirtyLog give
 // the classic bitmap interface instead.

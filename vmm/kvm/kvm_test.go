@@ -450,3 +450,135 @@ func TestKickBeforeRun(t *testing.T) {
 	c.SetImmediateExit(false)
 	assert.Zero(t, mem[testData], "the guest never ran")
 }
+
+// A ring left with unflagged entries before dirty ones (as nested PVM does
+// under load) is stuck for Harvest; Recover collects past them and says so.
+func TestRecoverStuckRing(t *testing.T) {
+	vm, mem := newTestVM(t, 1024)
+	c := newTestVCPU(t, vm, mem, progHLT())
+	r := c.Ring()
+	for i := uint32(0); i < 10; i++ {
+		fakeEntry(r, i, 0, uint64(100+i))
+	}
+	for i := uint32(0); i < 3; i++ { // written but never flagged
+		atomic.StoreUint32(&r.entries[i].Flags, 0)
+	}
+	r.entries[1].Slot = 7 // and one of them implausible
+
+	n, err := r.Harvest(func(uint32, uint64) { t.Error("Harvest collected past the stuck entry") })
+	require.NoError(t, err)
+	require.Zero(t, n)
+
+	got := map[uint64]bool{}
+	n, err = r.Recover(func(slot uint32, off uint64) { got[off] = true })
+	assert.ErrorIs(t, err, ErrRingInconsistent)
+	assert.Equal(t, 9, n)
+	want := map[uint64]bool{}
+	for _, off := range []uint64{100, 102, 103, 104, 105, 106, 107, 108, 109} {
+		want[off] = true
+	}
+	assert.Equal(t, want, got)
+
+	n, err = r.Recover(func(uint32, uint64) { t.Error("Recover collected twice") })
+	assert.NoError(t, err)
+	assert.Zero(t, n)
+}
+
+// A ring that is merely behind recovers without an error.
+func TestRecoverConsistentRing(t *testing.T) {
+	vm, mem := newTestVM(t, 1024)
+	c := newTestVCPU(t, vm, mem, progHLT())
+	r := c.Ring()
+	for i := uint32(0); i < 5; i++ {
+		fakeEntry(r, i, 0, uint64(i))
+	}
+	n, err := r.Recover(func(uint32, uint64) {})
+	assert.NoError(t, err)
+	assert.Equal(t, 5, n)
+}
+
+// progWriteForever writes n pages, stride bytes apart, from base, and the
+// dword at counter after each, forever (as a workload updating its record):
+//
+//	s: mov edi, base; mov ecx, n
+//	l: mov [edi], ecx; mov [counter], ecx; add edi, stride; dec ecx; jnz l
+//	jmp s
+func progWriteForever(base, n, stride, counter uint32) []byte {
+	p := []byte{0xbf}
+	p = binary.LittleEndian.AppendUint32(p, base)
+	p = append(p, 0xb9)
+	p = binary.LittleEndian.AppendUint32(p, n)
+	p = append(p, 0x89, 0x0f, 0x89, 0x0d)
+	p = binary.LittleEndian.AppendUint32(p, counter)
+	p = append(p, 0x81, 0xc7)
+	p = binary.LittleEndian.AppendUint32(p, stride)
+	return append(p, 0x49, 0x75, 0xef, 0xeb, 0xe3)
+}
+
+// Under sustained writes, with a reaper harvesting concurrently and the vCPU
+// thread handling ring-full exits as documented (Harvest, else Recover), the
+// guest never stops making progress and only its pages are reported.
+func TestRingKeepsFlowingUnderLoad(t *testing.T) {
+	vm, mem := newTestVM(t, 4096)
+	const n, stride, counter = 256, PageSize, testData - PageSize
+	c := newTestVCPU(t, vm, mem, progWriteForever(testData, n, stride, counter))
+	ring := c.Ring()
+	var entries atomic.Int64
+	var recovered atomic.Int64
+	var mu sync.Mutex
+	got := map[uint64]bool{}
+	record := func(_ uint32, off uint64) {
+		mu.Lock()
+		got[off] = true
+		mu.Unlock()
+		entries.Add(1)
+	}
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	wg.Go(func() { // the reaper
+		for !stop.Load() {
+			_, err := ring.Harvest(record)
+			assert.NoError(t, err)
+			_, err = vm.ResetDirtyRings()
+			assert.NoError(t, err)
+			time.Sleep(100 * time.Microsecond)
+		}
+	})
+	tids := make(chan int)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tids <- unix.Gettid()
+		for !stop.Load() {
+			err := c.Run()
+			if errors.Is(err, unix.EINTR) {
+				c.SetImmediateExit(false)
+				continue
+			}
+			require.NoError(t, err)
+			require.Equal(t, ExitDirtyRingFull, c.ExitReason(), c.ExitDetail())
+			if n, err := ring.Harvest(record); n == 0 && err == nil {
+				if _, err := ring.Recover(record); err != nil {
+					require.ErrorIs(t, err, ErrRingInconsistent)
+					recovered.Add(1)
+				}
+			}
+			_, err = vm.ResetDirtyRings()
+			require.NoError(t, err)
+		}
+	}()
+	tid := <-tids
+	for i := 0; i < 10; i++ {
+		before := entries.Load()
+		time.Sleep(200 * time.Millisecond)
+		require.Greater(t, entries.Load(), before, "no dirty pages for 200 ms: the guest is stuck")
+	}
+	stop.Store(true)
+	require.NoError(t, c.Kick(tid))
+	<-done
+	wg.Wait()
+	t.Logf("%d entries, %d recoveries", entries.Load(), recovered.Load())
+	assertPages(t, append(wantPages(testData, n, stride), counter/PageSize), got)
+}

@@ -2,6 +2,7 @@ package kvm
 
 import (
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 )
@@ -9,6 +10,7 @@ import (
 // DirtyRing is one vCPU's dirty ring: kvm_dirty_gfn entries the kernel fills
 // as the guest writes pages, which user space collects in order.
 type DirtyRing struct {
+	mu      sync.Mutex // serialises Harvest, Recover and VM.ResetDirtyRings
 	vm      *VM
 	mem     []byte
 	entries []dirtyGFN // overlays mem: shared with the kernel
@@ -42,9 +44,13 @@ func (r *DirtyRing) Size() int { return len(r.entries) }
 // then have been lost, and the caller must treat all of guest memory as dirty.
 // Every entry is collected either way, so the ring keeps flowing.
 //
-// One goroutine at a time per ring; serialise with VM.ResetDirtyRings, which
-// the caller issues before reading the pages' contents.
+// Harvest may run on any goroutine while the vCPU runs; calls on one ring
+// serialise with each other, with Recover and with VM.ResetDirtyRings, which
+// the caller issues before reading the pages' contents. fn must not call back
+// into the ring or its VM.
 func (r *DirtyRing) Harvest(fn func(slot uint32, offset uint64)) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	slots := r.vm.slots.Load()
 	size := uint32(len(r.entries))
 	n := 0
@@ -80,4 +86,59 @@ func (r *DirtyRing) Harvest(fn func(slot uint32, offset uint64)) (int, error) {
 		r.pending.Add(1)
 	}
 	return n, bad
+}
+
+// Recover unsticks a ring that the kernel keeps reporting full
+// (ExitDirtyRingFull) while Harvest finds nothing at the fetch index. Some
+// hosts (nested PVM) under sustained load leave an entry without its DIRTY
+// flag, its slot and offset written, and go on filling the entries after it;
+// the in-order walk stops at that entry for good and the vCPU makes no more
+// progress. Recover walks one lap from the fetch index up to the last DIRTY
+// entry and collects everything on the way: it passes fn the DIRTY entries
+// and the unflagged ones whose slot and offset are plausible (likely real
+// dirty pages), and marks all of them collected so that VM.ResetDirtyRings
+// moves the kernel past them. It returns the number of entries passed to fn,
+// and an error wrapping ErrRingInconsistent when it skipped any unflagged
+// entry: dirty pages may have been lost, so the caller must treat all of guest
+// memory as dirty.
+//
+// Call it only while the vCPU is outside KVM_RUN (on its thread, after the
+// ring-full exit), when nothing is writing the ring, typically as
+//
+//	if n, err := ring.Harvest(fn); n == 0 && err == nil {
+//		n, err = ring.Recover(fn)
+//	}
+//	vm.ResetDirtyRings()
+func (r *DirtyRing) Recover(fn func(slot uint32, offset uint64)) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	slots := r.vm.slots.Load()
+	size := uint32(len(r.entries))
+	last := -1
+	for i := uint32(0); i < size; i++ {
+		if atomic.LoadUint32(&r.entries[(r.fetch+i)&r.mask].Flags) == dirtyGFNDirty {
+			last = int(i)
+		}
+	}
+	n, skipped := 0, 0
+	for i := 0; i <= last; i++ {
+		e := &r.entries[r.fetch&r.mask]
+		if atomic.LoadUint32(&e.Flags) != dirtyGFNDirty {
+			skipped++
+		}
+		if slots != nil {
+			if pages, ok := (*slots)[e.Slot]; ok && e.Offset < pages {
+				fn(e.Slot, e.Offset)
+				n++
+			}
+		}
+		atomic.StoreUint32(&e.Flags, dirtyGFNReset)
+		r.fetch++
+		r.pending.Add(1)
+	}
+	if skipped > 0 {
+		return n, fmt.Errorf("%w: %d entries without their dirty flag before %d dirty ones",
+			ErrRingInconsistent, skipped, last+1-skipped)
+	}
+	return n, nil
 }

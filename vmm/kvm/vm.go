@@ -142,18 +142,27 @@ func (vm *VM) GetDirtyLog(slot uint32, bitmap []uint64) error {
 // collected, so it re-protects those pages and may reuse the entries. It
 // returns how many entries were reset. Call it after Harvest and before reading
 // the harvested pages' contents.
+//
+// It holds every ring's lock across the ioctl, so no Harvest marks entries
+// the reset might or might not cover.
 func (vm *VM) ResetDirtyRings() (int, error) {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	for _, c := range vm.vcpus {
+		if c.ring != nil {
+			c.ring.mu.Lock()
+			defer c.ring.mu.Unlock()
+		}
+	}
 	n, err := ioctl(vm.fd, ioctlResetDirtyRings, 0, "KVM_RESET_DIRTY_RINGS")
 	if err != nil {
 		return 0, err
 	}
-	vm.mu.Lock()
 	for _, c := range vm.vcpus {
 		if c.ring != nil {
 			c.ring.pending.Store(0)
 		}
 	}
-	vm.mu.Unlock()
 	return int(n), nil
 }
 
