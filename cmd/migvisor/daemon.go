@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 
+	"github.com/migvisor/migvisor/dirtylimit"
 	"github.com/migvisor/migvisor/qmp"
 	"github.com/migvisor/migvisor/schema"
 	"github.com/migvisor/migvisor/vmm"
@@ -24,6 +25,8 @@ type daemon struct {
 	cfg     *config
 	srv     *qmp.Server
 	machine *vmm.Machine
+	limiter *dirtylimit.Limiter
+	meter   *dirtylimit.Meter
 	log     io.Writer
 
 	listeners []net.Listener
@@ -59,9 +62,14 @@ func newDaemon(cfg *config, log io.Writer) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	d.limiter = dirtylimit.NewLimiter(d.machine, dirtylimit.Options{Algorithm: cfg.dirtyLimitAlgorithm})
+	d.meter = dirtylimit.NewMeter(d.machine, dirtylimit.Options{
+		NewDirtyLog: func() dirtylimit.DirtyLog { return d.machine.NewDirtyLog() },
+	})
 	registerMachine(d.srv, d.machine, d)
+	registerDirtyLimit(d.srv, d.limiter, d.meter)
 	if missing := d.srv.Missing(); len(missing) > 0 {
-		d.machine.Close()
+		d.closeMachine()
 		return nil, fmt.Errorf("internal error: QMP commands without handler or schema: %v", missing)
 	}
 	return d, nil
@@ -185,6 +193,13 @@ func (d *daemon) run(ctx context.Context) {
 func (d *daemon) close() {
 	d.srv.Close()
 	d.closeListeners()
+	d.closeMachine()
+}
+
+// closeMachine stops what runs on the machine before the machine itself.
+func (d *daemon) closeMachine() {
+	d.meter.Close()
+	d.limiter.Close()
 	d.machine.Close()
 }
 

@@ -30,7 +30,7 @@ func run(args []string) int {
 		return 1
 	}
 	if err := d.listen(); err != nil {
-		d.machine.Close()
+		d.closeMachine()
 		fmt.Fprintf(os.Stderr, "migvisor: %v\n", err)
 		return 1
 	}

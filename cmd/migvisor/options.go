@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/migvisor/migvisor/dirtylimit"
 	"github.com/migvisor/migvisor/vmm"
 )
 
@@ -30,9 +31,14 @@ type config struct {
 	ringSize    int
 	workloads   []vmm.Workload
 	incoming    string
-	version     bool
-	help        bool
+	// dirtyLimitAlgorithm is migvisor's extension -dirty-limit-algorithm: QEMU's exact
+	// algorithm or migvisor's (the default), so that the two can be compared.
+	dirtyLimitAlgorithm dirtylimit.Algorithm
+	version             bool
+	help                bool
 }
+
+const defaultMem = 512 << 20
 
 const defaultUUID = "00000000-0000-0000-0000-000000000000"
 
@@ -52,6 +58,8 @@ const usage = `usage: migvisor [options]
   -accel kvm:soft[,...]               KVM, falling back to soft when /dev/kvm is unusable
   -workload cpus=LIST,mode=write|read|idle[,size=SIZE][,rate=RATE][,bytes=N]
                                       what each vCPU runs (repeatable; default idle)
+  -dirty-limit-algorithm migvisor|qemu
+                                      how the dirty limit picks a vCPU's penalty (default migvisor)
   -incoming URI|defer                 wait for an incoming migration
   -version                            print the version and exit
   -help                               print this text and exit
@@ -59,7 +67,7 @@ const usage = `usage: migvisor [options]
 
 // parseArgs reads QEMU-style options: a single dash, then a value for options that take one.
 func parseArgs(args []string) (*config, error) {
-	c := &config{memSize: 512 << 20, cpus: 2, uuid: defaultUUID}
+	c := &config{memSize: defaultMem, cpus: 2, uuid: defaultUUID}
 	var workloadSpecs []string
 	for i := 0; i < len(args); i++ {
 		opt := args[i]
@@ -68,7 +76,7 @@ func parseArgs(args []string) (*config, error) {
 		}
 		name := strings.TrimPrefix(strings.TrimPrefix(opt, "-"), "-")
 		takesValue := map[string]bool{"qmp": true, "name": true, "uuid": true, "m": true, "smp": true,
-			"accel": true, "workload": true, "incoming": true}
+			"accel": true, "workload": true, "incoming": true, "dirty-limit-algorithm": true}
 		flags := map[string]*bool{"S": &c.startPaused, "version": &c.version, "help": &c.help, "h": &c.help}
 		if p, ok := flags[name]; ok {
 			*p = true
@@ -106,6 +114,8 @@ func parseArgs(args []string) (*config, error) {
 			workloadSpecs = append(workloadSpecs, val)
 		case "incoming":
 			c.incoming = val
+		case "dirty-limit-algorithm":
+			c.dirtyLimitAlgorithm, err = dirtylimit.ParseAlgorithm(val)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", opt, val, err)
@@ -254,31 +264,18 @@ func validUUID(s string) bool {
 	return true
 }
 
-// parseMem follows QEMU's -m: a bare number is MiB, a suffix names the unit; "size=" may prefix it.
+// parseMem follows QEMU's -m: vmm.ParseMemSize reads the size; slots and maxmem (memory
+// hotplug) do not exist here.
 func parseMem(s string) (uint64, error) {
-	first, kv, err := keyval(s)
+	if strings.ContainsRune(s, ',') {
+		return 0, errors.New("only a size is supported (no slots or maxmem: there is no memory hotplug)")
+	}
+	n, err := vmm.ParseMemSize(s)
 	if err != nil {
 		return 0, err
 	}
-	if v, ok := kv["size"]; ok {
-		first = v
-		delete(kv, "size")
-	}
-	for k := range kv {
-		return 0, fmt.Errorf("invalid parameter '%s'", k)
-	}
-	if first == "" {
-		return 0, errors.New("missing memory size")
-	}
-	if last := first[len(first)-1]; last >= '0' && last <= '9' {
-		first += "M"
-	}
-	n, err := vmm.ParseSize(first)
-	if err != nil {
-		return 0, err
-	}
-	if n < 2<<20 || n%4096 != 0 {
-		return 0, fmt.Errorf("invalid memory size %d: at least 2 MiB in whole 4 KiB pages", n)
+	if n == 0 {
+		n = defaultMem
 	}
 	return n, nil
 }
@@ -326,30 +323,11 @@ func parseAccel(s string) (accel string, ring int, err error) {
 		}
 		ring = int(n)
 	}
-	if err := validRingSize(ring); err != nil {
+	if err := vmm.ValidateRingSize(ring); err != nil {
 		return "", 0, err
 	}
 	return first, ring, nil
 }
-
-// validRingSize applies QEMU's checks with QEMU's texts: a power of two, at most what KVM offers
-// here (65536 entries); below 1024 entries QEMU's advice is the minimum. 0 means no ring.
-func validRingSize(n int) error {
-	switch {
-	case n == 0:
-		return nil
-	case n&(n-1) != 0:
-		return errors.New("dirty-ring-size must be a power of two.")
-	case n > maxRingEntries:
-		return fmt.Errorf("KVM dirty ring size %d too big (maximum is %d).  Please use a smaller value.", n, maxRingEntries)
-	case n < 1024:
-		return errors.New("Enabling of KVM dirty ring failed: Invalid argument. Suggested minimum value is 1024.")
-	}
-	return nil
-}
-
-// maxRingEntries is KVM_CAP_DIRTY_LOG_RING's 1 MiB over 16-byte entries on these hosts.
-const maxRingEntries = 65536
 
 // resolveAccel decides the backend: "kvm" needs /dev/kvm, "kvm:soft" and the default fall back to
 // the software backend with one warning line.

@@ -30,7 +30,10 @@ func registerMachine(srv *qmp.Server, m *vmm.Machine, d *daemon) {
 		rs := m.RunState()
 		return map[string]any{"status": rs, "running": rs == "running"}, nil
 	}))
-	srv.Handle("stop", handle(func() (any, error) { return nil, m.Stop() }))
+	srv.Handle("stop", handle(func() (any, error) {
+		d.limiter.Wake() // a vCPU sleeping its penalty must not hold the stop up
+		return nil, m.Stop()
+	}))
 	srv.Handle("cont", handle(func() (any, error) { return nil, m.Cont() }))
 	srv.Handle("quit", handle(func() (any, error) {
 		srv.Emit("SHUTDOWN", map[string]any{"guest": false, "reason": "host-qmp-quit"})
