@@ -116,7 +116,10 @@ func (r *sourceRun) dirtyLimitGuest(p Parameters) {
 	if r.dlApplied && r.dlQuota == p.VCPUDirtyLimit && l.InService() {
 		return
 	}
-	l.SetAll(p.VCPUDirtyLimit)
+	if err := l.SetAll(p.VCPUDirtyLimit); err != nil {
+		r.m.cfg.Logf("migration: cannot limit the dirty rate: %v", err)
+		return
+	}
 	r.dlApplied, r.dlQuota = true, p.VCPUDirtyLimit
 }
 

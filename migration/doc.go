@@ -37,8 +37,9 @@
 // unix:PATH, tcp:HOST:PORT, exec:CMD (through /bin/sh -c; the stream is the command's stdin
 // on the source and its stdout on the destination) and file:PATH[,offset=N] (migrate saves,
 // -incoming restores), or the same as QEMU's "channels". Sockets carry a return path: the
-// destination refuses with its reason, or acknowledges a verified stream and then waits for
-// the source's go-ahead before it runs the guest, so that exactly one side runs it.
+// destination accepts the header or refuses it with its reason before any page moves, then
+// refuses a bad stream, or acknowledges a verified one and waits for the source's go-ahead
+// before it runs the guest, so that exactly one side runs it.
 //
 // # Stream format, version 1
 //
@@ -54,8 +55,9 @@
 //	  0x03 CPU   u32 n | n bytes of vCPU state (opaque to migration, versioned by the machine)
 //	  0x04 END   32 bytes digest (the last record of the stream)
 //	go-ahead 0x05, after the destination's acknowledgement (return path only)
-//	return path, destination to source: 'A' u32 0 (verified and loaded)
-//	                                  | 'R' u32 n, n bytes reason (refused)
+//	return path, destination to source, twice: after the header and after the trailer
+//	         'A' u32 0 (header accepted / stream verified and vCPU state loaded)
+//	       | 'R' u32 n, n bytes reason (refused; the destination then drops the stream)
 //
 // The digest is SHA-256 over the memory size (u64) and the CRC32C of each 1 MiB chunk of
 // guest memory as the source had it when it stopped; the chunks are checksummed in parallel

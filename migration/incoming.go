@@ -204,6 +204,11 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 	if err := CheckConfig(h.Config, want); err != nil {
 		return err
 	}
+	if *returnPath {
+		if err := writeReply(c.replyTo(), nil); err != nil {
+			return fmt.Errorf("accepting the stream: %w", err)
+		}
+	}
 	var cpu []byte
 	for {
 		rec, err := d.dec.Next(mem)

@@ -36,13 +36,14 @@ type DirtyLog interface {
 	Close()
 }
 
-// DirtyLimiter is the dirty-limit service (package dirtylimit).
+// DirtyLimiter is the dirty-limit service (*dirtylimit.Limiter satisfies it).
 type DirtyLimiter interface {
 	// SetMigrationActive makes the user's set/cancel-vcpu-dirty-limit refuse while a
 	// dirty-limit migration runs.
 	SetMigrationActive(bool)
-	SetAll(rateMBps uint64) // every vCPU, bypassing the refusal
+	SetAll(rateMBps uint64) error // every vCPU, bypassing the refusal
 	CancelAll()
+	Wake() // cut short every penalty being slept, before the machine is paused
 	SetPeriod(time.Duration)
 	InService() bool
 	ThrottleTimePerRound() uint64 // µs, max over vCPUs

@@ -261,10 +261,9 @@ func (r *sourceRun) precopy() error {
 		return errCancelled
 	}
 	var flags uint32
-	if rp := out.reply(); rp != nil {
+	rp := out.reply()
+	if rp != nil {
 		flags = FlagReturnPath
-		r.replies = make(chan error, 1)
-		go func() { r.replies <- readReply(rp) }()
 	}
 	mem := mach.Memory()
 	s := &sender{
@@ -274,8 +273,31 @@ func (r *sourceRun) precopy() error {
 		MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
 		Workloads: r.m.cfg.Workloads,
 	}})
+	if err == nil {
+		err = s.enc.Flush()
+	}
 	if err != nil {
 		return r.ioError(err)
+	}
+	if rp != nil {
+		// The destination accepts the header (or refuses it, with its reason) before any
+		// page moves; its final verdict comes after the trailer.
+		r.replies = make(chan error, 2)
+		go func() {
+			err := readReply(rp)
+			r.replies <- err
+			if err == nil {
+				r.replies <- readReply(rp)
+			}
+		}()
+		select {
+		case err := <-r.replies:
+			if err != nil {
+				return err
+			}
+		case <-r.ctx.Done():
+			return errCancelled
+		}
 	}
 	s.log = mach.NewDirtyLog()
 	defer s.log.Close()
@@ -597,6 +619,9 @@ func (s *sender) zeroPage(p int) bool {
 func (s *sender) complete() error {
 	r := s.r
 	r.stopThrottle()
+	if r.dirtyLimit {
+		r.m.cfg.Limiter.Wake() // no vCPU asleep in its penalty holds the stop up
+	}
 	r.mu.Lock()
 	if r.cancelRequested {
 		r.mu.Unlock()

@@ -237,11 +237,17 @@ func (d *Decoder) full(b []byte) error {
 // compared by CheckConfig.
 func (d *Decoder) ReadHeader() (Header, error) {
 	b := make([]byte, headerFixedLen)
-	if err := d.full(b); err != nil {
+	if err := d.full(b[:8]); err != nil {
 		return Header{}, err
 	}
 	if !bytes.Equal(b[:8], streamMagic[:]) {
+		if bytes.HasPrefix(b, []byte("QEVM")) {
+			return Header{}, streamErr("not a migvisor migration stream (this is QEMU's)")
+		}
 		return Header{}, streamErr("not a migvisor migration stream (bad magic %q)", b[:8])
+	}
+	if err := d.full(b[8:]); err != nil {
+		return Header{}, err
 	}
 	h := Header{
 		Version: binary.BigEndian.Uint32(b[8:]),
