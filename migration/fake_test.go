@@ -2,8 +2,8 @@ package migration
 
 import (
 	"encoding/binary"
-	"fmt"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"sync/atomic"

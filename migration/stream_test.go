@@ -38,7 +38,7 @@ func decodeAll(stream []byte) ([]byte, []Record, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if h.Config.MemSize > 1<<24 {
+	if h.Config.MemSize > 1<<20 {
 		return nil, nil, errors.New("too big for a test")
 	}
 	mem := bytes.Repeat([]byte{0xee}, int(h.Config.MemSize))
