@@ -102,9 +102,10 @@ func newFakeServer(t testing.TB) (*Server, *fakeVM) {
 		}
 		return nil, nil
 	})
+	var quitOnce sync.Once
 	srv.Handle("quit", func(context.Context, json.RawMessage) (any, error) {
 		srv.Emit("SHUTDOWN", map[string]any{"guest": false, "reason": "host-qmp-quit"})
-		close(vm.quit)
+		quitOnce.Do(func() { close(vm.quit) })
 		return nil, nil
 	})
 	srv.Handle("migrate-pause", func(context.Context, json.RawMessage) (any, error) {
@@ -114,7 +115,10 @@ func newFakeServer(t testing.TB) (*Server, *fakeVM) {
 		return args, nil
 	})
 	srv.Handle("block", func(ctx context.Context, _ json.RawMessage) (any, error) {
-		vm.started <- struct{}{}
+		select {
+		case vm.started <- struct{}{}:
+		default: // nobody is watching
+		}
 		select {
 		case <-vm.release:
 			return "released", nil
