@@ -177,7 +177,7 @@ func (d *incomingRun) receive() error {
 	}
 	c.Close()
 	mach := d.m.cfg.Machine
-	if d.m.cfg.Autostart {
+	if auto := d.m.cfg.Autostart; auto == nil || auto() {
 		if err := mach.Resume(); err != nil {
 			return err
 		}

@@ -37,7 +37,7 @@ func newDest(t *testing.T, pages, cpus int) *end {
 	for i := range fm.mem {
 		fm.mem[i] = 0x5a
 	}
-	e := &end{m: fm, mig: New(Config{Machine: fm, Events: fm.events, Incoming: true, Autostart: true,
+	e := &end{m: fm, mig: New(Config{Machine: fm, Events: fm.events, Incoming: true,
 		Workloads: []byte("idle"), Logf: t.Logf})}
 	t.Cleanup(func() { e.mig.Close(); fm.close() })
 	return e
@@ -540,7 +540,7 @@ func TestTransports(t *testing.T) {
 	})
 	t.Run("paused with -S", func(t *testing.T) {
 		src, dst := newSource(t, 16, 1, false), newDest(t, 16, 1)
-		dst.mig.cfg.Autostart = false
+		dst.mig.cfg.Autostart = func() bool { return false }
 		uri := "unix:" + sockPath(t)
 		require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
 		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
@@ -628,7 +628,7 @@ func BenchmarkMigrateIdle(b *testing.B) {
 	for b.Loop() {
 		dstM := newFakeMachine(pages, 1)
 		dstM.state = RunInmigrate
-		dst := New(Config{Machine: dstM, Incoming: true, Autostart: true})
+		dst := New(Config{Machine: dstM, Incoming: true})
 		uri := "unix:" + filepath.Join(b.TempDir(), "s")
 		require.NoError(b, dst.MigrateIncoming(IncomingArgs{URI: &uri}))
 		srcM.state = RunRunning

@@ -15,7 +15,9 @@ type Config struct {
 	// match on the destination when both ends know it (nil: not compared).
 	Workloads []byte
 	Incoming  bool // started with -incoming (a URI or defer)
-	Autostart bool // the destination runs the guest once loaded (false with -S)
+	// Autostart tells whether the destination runs the guest once loaded (false with -S, or
+	// after a stop during inmigrate). Nil: always.
+	Autostart func() bool
 	// IncomingFailed is called after an incoming migration failed when exit-on-error is on
 	// (QEMU's default): the caller reports and exits. Nil: stay and wait for migrate-incoming.
 	IncomingFailed func(error)
