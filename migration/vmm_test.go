@@ -1,0 +1,72 @@
+package migration
+
+import (
+	"testing"
+	"time"
+
+	"github.com/migvisor/migvisor/vmm"
+	"github.com/stretchr/testify/require"
+)
+
+// vmmMachine is the test's copy of cmd/migvisor's adapter (without the dirty limit's hook).
+type vmmMachine struct{ m *vmm.Machine }
+
+func (a vmmMachine) Memory() []byte                  { return a.m.Memory() }
+func (a vmmMachine) NumCPUs() int                    { return a.m.NumCPUs() }
+func (a vmmMachine) RunState() string                { return string(a.m.RunState()) }
+func (a vmmMachine) Pause(to string) error           { return a.m.Pause(vmm.RunState(to)) }
+func (a vmmMachine) SetRunState(to string)           { a.m.SetRunState(vmm.RunState(to)) }
+func (a vmmMachine) Resume() error                   { return a.m.Resume() }
+func (a vmmMachine) SaveCPU() ([]byte, error)        { return a.m.SaveCPU() }
+func (a vmmMachine) LoadCPU(b []byte) error          { return a.m.LoadCPU(b) }
+func (a vmmMachine) Kick(cpu int)                    { a.m.Kick(cpu) }
+func (a vmmMachine) NewDirtyLog() DirtyLog           { return a.m.NewDirtyLog() }
+func (a vmmMachine) SetRingFullHook(h func(cpu int)) { a.m.SetRingFullHook(h) }
+
+func newVMM(t *testing.T, initial vmm.RunState) *vmm.Machine {
+	m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 2, Accel: vmm.AccelSoft, DirtyRingSize: 1024,
+		Workloads: []vmm.Workload{{Mode: vmm.ModeWrite, Size: 16 << 20}, {Mode: vmm.ModeWrite, Size: 8 << 20, Rate: 32 << 20}},
+		Initial:   initial, Logf: t.Logf})
+	require.NoError(t, err)
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// A real (soft) machine whose workloads write flat out migrates whole: the destination's
+// memory equals the source's as it stopped, and the guest carries on there.
+func TestMigrateSoftMachine(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a machine")
+	}
+	for _, cfg := range []struct {
+		name string
+		caps []CapabilityState
+	}{{"plain", nil}, {"auto-converge", caps("auto-converge", true)}} {
+		t.Run(cfg.name, func(t *testing.T) {
+			sm, dm := newVMM(t, vmm.Running), newVMM(t, vmm.InMigrate)
+			src := New(Config{Machine: vmmMachine{sm}, Logf: t.Logf})
+			dst := New(Config{Machine: vmmMachine{dm}, Incoming: true, Autostart: func() bool { return false }, Logf: t.Logf})
+			require.NoError(t, src.SetCapabilities(cfg.caps))
+			require.NoError(t, src.SetParameters(setParams(t,
+				`{"max-bandwidth": 268435456, "downtime-limit": 100, "throttle-trigger-threshold": 10, "cpu-throttle-initial": 60}`)))
+			time.Sleep(50 * time.Millisecond) // let the workloads dirty their regions
+			uri := "unix:" + sockPath(t)
+			require.NoError(t, dst.MigrateIncoming(IncomingArgs{URI: &uri}))
+			require.NoError(t, src.Migrate(MigrateArgs{URI: &uri}))
+			wait(t, src.Done())
+			wait(t, dst.IncomingDone())
+			q := src.Query()
+			require.Equal(t, StatusCompleted, q.Status, q.ErrorDesc)
+			t.Logf("%s: total %d ms, downtime %d ms, %d syncs, %d normal pages, %.0f Mbit/s",
+				cfg.name, *q.TotalTime, *q.Downtime, q.RAM.DirtySyncCount, q.RAM.Normal, q.RAM.Mbps)
+			require.Equal(t, vmm.PostMigrate, sm.RunState())
+			require.Equal(t, vmm.Paused, dm.RunState())
+			require.True(t, string(sm.Memory()) == string(dm.Memory()), "memories differ")
+			before := dm.WorkloadStats()[0].Pages
+			require.NoError(t, dm.Cont())
+			for dm.WorkloadStats()[0].Pages == before {
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+}
