@@ -59,9 +59,11 @@
 //	         'A' u32 0 (header accepted / stream verified and vCPU state loaded)
 //	       | 'R' u32 n, n bytes reason (refused; the destination then drops the stream)
 //
-// The digest is SHA-256 over the memory size (u64) and the CRC32C of each 1 MiB chunk of
-// guest memory as the source had it when it stopped; the chunks are checksummed in parallel
-// (tens of GB/s with SSE4.2) so that it costs little downtime. The receiver refuses another
+// The digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of guest
+// memory as the source had it when it stopped: the source checksums all its memory then (in
+// parallel, while it sends the last pages), so a page the dirty log missed shows; the
+// destination checksums each page as it arrives and so never rereads its memory. The
+// receiver refuses another
 // version, a bad header checksum, a different memory size, vCPU count, page size or (when it
 // knows its own) workloads description, records out of bounds, a truncated stream, and a
 // digest that differs from its memory's; it never runs a guest from such a stream.

@@ -209,6 +209,11 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 			return fmt.Errorf("accepting the stream: %w", err)
 		}
 	}
+	// The page checksums of the digest are kept as pages arrive, while they are in cache, so
+	// that checking the digest does not reread memory during the downtime.
+	npages := len(mem) / PageSize
+	sums := make([]uint32, npages)
+	seen := make([]bool, npages)
 	var cpu []byte
 	for {
 		rec, err := d.dec.Next(mem)
@@ -216,13 +221,27 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 			return err
 		}
 		switch rec.Kind {
+		case KindPages, KindZeroPages:
+			for p := int(rec.First); p < int(rec.First)+int(rec.Count); p++ {
+				if rec.Kind == KindZeroPages {
+					sums[p] = zeroPageSum
+				} else {
+					sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
+				}
+				seen[p] = true
+			}
 		case KindCPU:
 			cpu = append(cpu[:0], rec.CPU...)
 		case KindTrailer:
 			if cpu == nil {
 				return streamErr("the stream ended without the vCPU state")
 			}
-			if MemoryDigest(mem) != rec.Digest {
+			for p, ok := range seen {
+				if !ok { // never sent: what this machine has must match too
+					sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
+				}
+			}
+			if DigestOf(uint64(len(mem)), sums) != rec.Digest {
 				return ErrDigestMismatch
 			}
 			if err := mach.LoadCPU(cpu); err != nil {

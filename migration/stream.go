@@ -423,32 +423,42 @@ func readReply(r io.Reader) error {
 	return streamErr("bad reply from the destination (%#x)", h[0])
 }
 
-// digestChunk is the unit hashed on its own; the chunk checksums are then hashed together.
-const digestChunk = 1 << 20
-
-// MemoryDigest summarises guest memory: CRC32C of each 1 MiB chunk (in parallel, a few ms
-// per GiB), then SHA-256 over the size and the chunk checksums.
+// MemoryDigest summarises guest memory: SHA-256 over the memory size (u64) and the CRC32C of
+// every page in order. The page checksums are computed in parallel on the source; a
+// destination keeps them as pages arrive (PageSum) and so never rereads its memory.
 func MemoryDigest(mem []byte) Digest {
-	nchunks := (len(mem) + digestChunk - 1) / digestChunk
-	sums := make([]byte, 4*nchunks)
-	workers := min(runtime.GOMAXPROCS(0), max(nchunks, 1))
+	sums := make([]uint32, len(mem)/PageSize)
+	n := len(sums)
+	workers := min(runtime.GOMAXPROCS(0), max(n/256, 1))
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for c := w; c < nchunks; c += workers {
-				end := min((c+1)*digestChunk, len(mem))
-				binary.BigEndian.PutUint32(sums[4*c:], crc32.Checksum(mem[c*digestChunk:end], castagnoli))
+			for p := w * n / workers; p < (w+1)*n/workers; p++ {
+				sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
 			}
 		}()
 	}
 	wg.Wait()
+	return DigestOf(uint64(len(mem)), sums)
+}
+
+// PageSum is one page's checksum in the digest.
+func PageSum(page []byte) uint32 { return crc32.Checksum(page, castagnoli) }
+
+// zeroPageSum is PageSum of a zero page.
+var zeroPageSum = PageSum(zeroPage[:])
+
+// DigestOf combines the page checksums of a memory of size bytes.
+func DigestOf(size uint64, sums []uint32) Digest {
 	h := sha256.New()
-	var size [8]byte
-	binary.BigEndian.PutUint64(size[:], uint64(len(mem)))
-	h.Write(size[:])
-	h.Write(sums)
+	b := make([]byte, 8, 8+4*len(sums))
+	binary.BigEndian.PutUint64(b, size)
+	for _, s := range sums {
+		b = binary.BigEndian.AppendUint32(b, s)
+	}
+	h.Write(b)
 	var d Digest
 	h.Sum(d[:0])
 	return d

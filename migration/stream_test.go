@@ -178,10 +178,15 @@ func TestReturnPath(t *testing.T) {
 }
 
 func TestMemoryDigest(t *testing.T) {
-	mem := make([]byte, 3*digestChunk+PageSize)
+	mem := make([]byte, 300*PageSize+PageSize)
 	d0 := MemoryDigest(mem)
 	require.Equal(t, d0, MemoryDigest(bytes.Clone(mem)))
-	for _, off := range []int{0, digestChunk - 1, 2*digestChunk + 17, len(mem) - 1} {
+	sums := make([]uint32, len(mem)/PageSize)
+	for i := range sums {
+		sums[i] = zeroPageSum
+	}
+	require.Equal(t, d0, DigestOf(uint64(len(mem)), sums), "the destination's incremental form")
+	for _, off := range []int{0, PageSize - 1, 200*PageSize + 17, len(mem) - 1} {
 		mem[off] ^= 1
 		require.NotEqual(t, d0, MemoryDigest(mem), "flip at %d", off)
 		mem[off] ^= 1
@@ -205,8 +210,10 @@ func FuzzDecoder(f *testing.F) {
 	})
 }
 
+// BenchmarkMemoryDigest digests 512 MiB of touched memory (untouched memory would all read
+// the kernel's one zero page, from cache).
 func BenchmarkMemoryDigest(b *testing.B) {
-	mem := make([]byte, 256<<20)
+	mem := bytes.Repeat([]byte{1}, 512<<20)
 	b.SetBytes(int64(len(mem)))
 	for b.Loop() {
 		MemoryDigest(mem)
