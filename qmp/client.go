@@ -117,10 +117,19 @@ func (c *Client) Events() <-chan Event { return c.events }
 // *qerr.Error. When ctx ends first, Execute returns ctx's error; the reply is then discarded.
 func (c *Client) Execute(ctx context.Context, cmd string, args, result any) error {
 	req := struct {
-		Execute   string `json:"execute"`
-		Arguments any    `json:"arguments,omitempty"`
-		ID        string `json:"id"`
-	}{Execute: cmd, Arguments: args}
+		Execute   string          `json:"execute"`
+		Arguments json.RawMessage `json:"arguments,omitempty"`
+		ID        string          `json:"id"`
+	}{Execute: cmd}
+	if args != nil {
+		b, err := json.Marshal(args)
+		if err != nil {
+			return err
+		}
+		if string(b) != "null" { // a typed nil means no arguments too
+			req.Arguments = b
+		}
+	}
 
 	ch := make(chan response, 1)
 	c.mu.Lock()
@@ -144,9 +153,16 @@ func (c *Client) Execute(ctx context.Context, cmd string, args, result any) erro
 		return err
 	}
 	c.wmu.Lock()
+	// A server that stops reading must not hold Execute past ctx; a request cut short
+	// leaves the stream unusable, so the connection goes with it.
+	stop := context.AfterFunc(ctx, func() { c.conn.SetWriteDeadline(time.Now()) })
 	_, err = c.conn.Write(append(b, '\n'))
+	if !stop() {
+		c.conn.SetWriteDeadline(time.Time{})
+	}
 	c.wmu.Unlock()
 	if err != nil {
+		c.conn.Close()
 		return fmt.Errorf("qmp: %s: %w", cmd, err)
 	}
 

@@ -1,6 +1,7 @@
 package qmp
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -27,13 +28,22 @@ const (
 	errNesting    = "JSON nesting depth limit exceeded"
 )
 
-// parseError is a syntax error of the JSON parser: QEMU prefixes them all alike.
+// parseError is a syntax error of the JSON parser: QEMU prefixes them all alike, after
+// formatting the message into a 1024-byte buffer (so a long keyword is cut short).
 func parseError(format string, args ...any) *qerr.Error {
-	return qerr.Generic("JSON parse error, "+format, args...)
+	msg := fmt.Sprintf(format, args...)
+	if len(msg) > 1023 {
+		msg = msg[:1023]
+	}
+	return qerr.Generic("JSON parse error, %s", msg)
 }
 
-// strayError is a lexical error; text is the token up to and including the offending byte.
+// strayError is a lexical error; text is the token up to and including the offending byte,
+// printed as a C string (a NUL byte ends it).
 func strayError(text []byte) *qerr.Error {
+	if i := bytes.IndexByte(text, 0); i >= 0 {
+		text = text[:i]
+	}
 	return qerr.Generic("JSON parse error, stray '%s'", text)
 }
 

@@ -80,6 +80,10 @@ func TestDecoder(t *testing.T) {
 		{"control char in string", "\"a\x01\"", []string{pe(`stray '\"a\u0001'`)}},
 		{"0xFE in string", "\"é\xfe", []string{pe(`stray '\"\u00E9\uFFFD'`)}},
 		{"percent", "%d", []string{pe("stray '%'")}},
+		{"NUL ends the quoted token", "\"ab\x00", []string{pe(`stray '\"ab'`)}},
+		{"NUL", "\x00", []string{pe("stray ''")}},
+		{"long keyword cut at 1023 bytes", strings.Repeat("a", 2000) + " ",
+			[]string{pe("invalid keyword '" + strings.Repeat("a", 1023-len("invalid keyword '")))}},
 
 		// Values as QEMU echoes them.
 		{"integer", "42 ", []string{"42"}},
@@ -193,4 +197,15 @@ func TestParseJSON(t *testing.T) {
 		_, err := parseJSON([]byte(in))
 		require.NotNil(t, err, in)
 	}
+}
+
+// FuzzDecoder checks that how the input is split never changes the messages, and that nothing
+// panics.
+func FuzzDecoder(f *testing.F) {
+	for _, s := range []string{`{"a": [1, "b", {}]}`, "'x\\'y' 1e5 -0.5 [", "\xff}{\"", `{"a" 1}{"b": tru}`} {
+		f.Add([]byte(s), uint8(1))
+	}
+	f.Fuzz(func(t *testing.T, in []byte, chunk uint8) {
+		require.Equal(t, decodeAll(string(in), 0), decodeAll(string(in), int(chunk)+1))
+	})
 }

@@ -28,7 +28,12 @@ type Catalog interface {
 }
 
 // Handler runs a command. args is the normalised argument object. A nil result answers {}; an
-// error answers with qerr.As(err). ctx ends when the client goes away or the server closes.
+// error answers with qerr.As(err). ctx ends when the client hangs up or the server closes, so it
+// suits waiting, not work that must outlive the request.
+//
+// The result is marshalled with encoding/json and written as QEMU writes it. QEMU's member
+// order depends on the order members were inserted, so struct fields in schema order (as
+// QEMU's visitors insert them) give byte-identical output.
 type Handler func(ctx context.Context, args json.RawMessage) (any, error)
 
 // Version is what the greeting and query-version report.
