@@ -69,7 +69,8 @@ type Options struct {
 	// Exact compares the greeting and replies byte for byte (events still by value, since
 	// their timestamps differ), ignoring nothing in them.
 	Exact bool
-	// Rewrite, if set, is applied to each "send" before it is written (socket paths, ...).
+	// Rewrite, if set, is applied to every message of the transcript, sent or expected
+	// (socket paths, ...).
 	Rewrite func(data string) string
 }
 
@@ -81,37 +82,89 @@ type Options struct {
 // caused them. Mismatches are reported with t.Errorf; a missing message ends the replay.
 func Replay(t testing.TB, conn net.Conn, path string, opts Options) {
 	t.Helper()
+	NewPlayer(t, conn, path, opts).Rest()
+}
+
+// Player replays a transcript in steps, so that several connections can be interleaved as they
+// were recorded (a migration's destination must be listening before the source migrates):
+//
+//	dst, src := qmptest.NewPlayer(t, dconn, dstPath, o), qmptest.NewPlayer(t, sconn, srcPath, o)
+//	dst.Until("dst-incoming")
+//	src.Rest()
+//	dst.Rest()
+type Player struct {
+	r     *replayer
+	path  string
+	lines []Line
+	next  int
+	ended bool // a message did not arrive: the rest would only add noise
+}
+
+// NewPlayer loads the transcript at path for replay over conn.
+func NewPlayer(t testing.TB, conn net.Conn, path string, opts Options) *Player {
+	t.Helper()
 	lines, err := Load(path)
 	if err != nil {
 		t.Fatalf("qmptest: %v", err)
 	}
+	if opts.Timeout == 0 {
+		opts.Timeout = DefaultTimeout
+	}
 	r := &replayer{t: t, conn: conn, rd: bufio.NewReaderSize(conn, 64<<10), opts: opts, cmds: map[string]string{}}
-	if r.opts.Timeout == 0 {
-		r.opts.Timeout = DefaultTimeout
-	}
-	for i, l := range lines {
-		where := fmt.Sprintf("%s:%d", path, i+1)
-		if l.Dir == "send" {
-			data := l.Data
-			if opts.Rewrite != nil {
-				data = opts.Rewrite(data)
+	return &Player{r: r, path: path, lines: lines}
+}
+
+// Until plays the transcript up to and including the reply whose id is id (named as in
+// Options.OnlyIDs). It reports false if the replay ended first.
+func (p *Player) Until(id string) bool {
+	p.r.t.Helper()
+	for !p.ended && p.next < len(p.lines) {
+		l := p.lines[p.next]
+		p.step()
+		if l.Dir == "recv" {
+			var m struct{ ID json.RawMessage }
+			if json.Unmarshal([]byte(l.Data), &m) == nil && m.ID != nil && idKey(m.ID) == id {
+				return !p.ended
 			}
-			r.noteSent(data)
-			if _, err := io.WriteString(conn, data); err != nil {
-				t.Errorf("%s: write: %v", where, err)
-				return
-			}
-			continue
-		}
-		if !r.expect(where, l.Data) {
-			return
 		}
 	}
-	for _, m := range r.replies {
-		t.Errorf("%s: unexpected reply %s", path, m.raw)
+	if !p.ended {
+		p.r.t.Errorf("%s: no reply with id %q after line %d", p.path, id, p.next)
 	}
-	for _, m := range r.events {
-		t.Logf("%s: event not in the transcript: %s", path, m.raw)
+	return false
+}
+
+// Rest plays the remaining lines, then reports replies nobody expected (and logs events).
+func (p *Player) Rest() {
+	p.r.t.Helper()
+	for !p.ended && p.next < len(p.lines) {
+		p.step()
+	}
+	for _, m := range p.r.replies {
+		p.r.t.Errorf("%s: unexpected reply %s", p.path, m.raw)
+	}
+	for _, m := range p.r.events {
+		p.r.t.Logf("%s: event not in the transcript: %s", p.path, m.raw)
+	}
+	p.r.replies, p.r.events = nil, nil
+}
+
+func (p *Player) step() {
+	l := p.lines[p.next]
+	p.next++
+	where := fmt.Sprintf("%s:%d", p.path, p.next)
+	data := l.Data
+	if p.r.opts.Rewrite != nil {
+		data = p.r.opts.Rewrite(data)
+	}
+	if l.Dir == "recv" {
+		p.ended = !p.r.expect(where, data)
+		return
+	}
+	p.r.noteSent(data)
+	if _, err := io.WriteString(p.r.conn, data); err != nil {
+		p.r.t.Errorf("%s: write: %v", where, err)
+		p.ended = true
 	}
 }
 

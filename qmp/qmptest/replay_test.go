@@ -140,9 +140,9 @@ func TestReplay(t *testing.T) {
 			errs:   []string{"t.jsonl:3: no matching message"},
 		},
 		{
-			name:   "rewritten sends",
-			lines:  []string{greeting, `>{"execute": "a", "arguments": {"uri": "unix:/run/qmp-test/x"}, "id": 1}`, `{"return": {}, "id": 1}`},
-			server: [][]string{{greeting}, {`{"return": {}, "id": 1}`}},
+			name:   "rewritten paths",
+			lines:  []string{greeting, `>{"execute": "a", "arguments": {"uri": "unix:/run/qmp-test/x"}, "id": 1}`, `{"return": {"path": "/run/qmp-test/x"}, "id": 1}`},
+			server: [][]string{{greeting}, {`{"return": {"path": "/tmp/x"}, "id": 1}`}},
 			opts:   Options{Rewrite: func(s string) string { return strings.ReplaceAll(s, "/run/qmp-test/", "/tmp/") }},
 		},
 	} {
@@ -167,4 +167,44 @@ func TestLoad(t *testing.T) {
 	require.NoError(t, os.WriteFile(bad, []byte(`{"dir": "sideways", "data": ""}`), 0o644))
 	_, err = Load(bad)
 	require.ErrorContains(t, err, "sideways")
+}
+
+// Two connections interleaved step by step, as a migration's two ends are.
+func TestPlayer(t *testing.T) {
+	a := transcript(t, greeting, `>{"execute": "x", "id": "a1"}`, `{"return": 1, "id": "a1"}`, `>{"execute": "y", "id": "a2"}`, `{"return": 2, "id": "a2"}`)
+	b := transcript(t, greeting, `>{"execute": "z", "id": "b1"}`, `{"return": 3, "id": "b1"}`)
+
+	// b's server answers only once a has sent its second request.
+	aSent := make(chan struct{})
+	aClient, aServer := net.Pipe()
+	defer aClient.Close()
+	go func() {
+		defer aServer.Close()
+		rd := bufio.NewReader(aServer)
+		aServer.Write([]byte(greeting + "\r\n"))
+		rd.ReadString('\n')
+		aServer.Write([]byte(`{"return": 1, "id": "a1"}` + "\r\n"))
+		rd.ReadString('\n')
+		close(aSent)
+		aServer.Write([]byte(`{"return": 2, "id": "a2"}` + "\r\n"))
+	}()
+	bClient, bServer := net.Pipe()
+	defer bClient.Close()
+	go func() {
+		defer bServer.Close()
+		bServer.Write([]byte(greeting + "\r\n"))
+		bufio.NewReader(bServer).ReadString('\n')
+		<-aSent
+		bServer.Write([]byte(`{"return": 3, "id": "b1"}` + "\r\n"))
+	}()
+
+	rec := &recorder{TB: t}
+	pa, pb := NewPlayer(rec, aClient, a, Options{}), NewPlayer(rec, bClient, b, Options{})
+	require.True(t, pa.Until("a1"))
+	pa.Rest()
+	pb.Rest()
+	require.Empty(t, rec.errs)
+
+	require.False(t, NewPlayer(rec, scripted(t, []string{greeting}), a, Options{Timeout: time.Millisecond}).Until("nope"))
+	require.NotEmpty(t, rec.errs)
 }
