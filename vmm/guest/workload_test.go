@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"encoding/binary"
 	"errors"
 	"os"
 	"runtime"
@@ -127,7 +128,9 @@ func (m *machine) loop() error {
 		}
 		switch m.exit = m.vcpu.ExitReason(); m.exit {
 		case kvm.ExitDirtyRingFull:
-			m.harvestOnce(true)
+			if err := m.harvestOnce(true); errors.Is(err, kvm.ErrRingStuck) {
+				return err // the host lost ring writes: the vCPU cannot go on
+			}
 		case kvm.ExitHLT:
 			return nil
 		default:
@@ -137,28 +140,28 @@ func (m *machine) loop() error {
 }
 
 // harvestOnce harvests and resets the ring; on the vCPU thread after a
-// ring-full exit (full), a ring with nothing to harvest is stuck and
-// recovered (kvm.DirtyRing.Recover).
-func (m *machine) harvestOnce(full bool) {
+// ring-full exit (full) it does what kvm documents for that (HandleFull).
+func (m *machine) harvestOnce(full bool) error {
 	m.hmu.Lock()
 	defer m.hmu.Unlock()
 	record := func(slot uint32, off uint64) { m.dirty[off] = true }
-	n, err := m.vcpu.Ring().Harvest(record)
-	if n == 0 && err == nil && full {
-		n, err = m.vcpu.Ring().Recover(record)
-		if errors.Is(err, kvm.ErrRingInconsistent) {
-			m.recoveries++ // the host's fault, handled: not the test's
-			err = nil
-		}
+	harvest := m.vcpu.Ring().Harvest
+	if full {
+		harvest = m.vcpu.Ring().HandleFull
+	}
+	n, err := harvest(record)
+	if errors.Is(err, kvm.ErrRingInconsistent) && !errors.Is(err, kvm.ErrRingStuck) {
+		m.recoveries++ // the host's fault, repaired: not the test's
+		err = nil
 	}
 	m.entries += n
 	if err != nil && m.herr == nil {
 		m.herr = err
 	}
-	_, err = m.vm.ResetDirtyRings()
-	if err != nil && m.herr == nil {
-		m.herr = err
+	if _, rerr := m.vm.ResetDirtyRings(); rerr != nil && m.herr == nil {
+		m.herr = rerr
 	}
+	return err
 }
 
 // halt stops the vCPU (if it still runs) and the harvester, harvesting what
@@ -226,7 +229,9 @@ func TestWorkloadsDirtyWhatTheyTouch(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := start(t, tt.p, 4096, 0)
+			// A ring that never fills: these tests are about what the
+			// guest dirties, not about ring-full handling.
+			m := start(t, tt.p, 65536, 0)
 			m.waitPasses(3)
 			require.NoError(t, m.halt())
 			require.NoError(t, m.herr)
@@ -239,12 +244,12 @@ func TestWorkloadsDirtyWhatTheyTouch(t *testing.T) {
 			assert.Equal(t, uint32(tt.p.RegionSize), r.RegionSize)
 			pages := tt.p.RegionSize / PageSize
 			assert.GreaterOrEqual(t, r.Pages, r.Passes*pages)
-			assert.Less(t, r.Pages, (r.Passes+1)*pages)
+			assert.LessOrEqual(t, r.Pages, (r.Passes+1)*pages, "a pass counts after its last page")
 			if tt.p.Mode == ModeWrite {
 				// Every page holds the stamp of the pass that last wrote it.
 				last := ReadRecord(m.mem, rec).Passes
 				for a := tt.p.RegionBase; a < tt.p.RegionBase+tt.p.RegionSize; a += PageSize {
-					v := uint64(m.mem[a]) | uint64(m.mem[a+1])<<8
+					v := uint64(binary.LittleEndian.Uint32(m.mem[a:]))
 					require.Contains(t, []uint64{last, last + 1}, v, "page %#x", a)
 				}
 			}
@@ -284,7 +289,7 @@ func TestCountersCarry(t *testing.T) {
 	r := m.record()
 	assert.Greater(t, r.Pages, uint64(1<<32))
 	assert.GreaterOrEqual(t, r.Pages, from+r.Passes*testRegionSize/PageSize)
-	assert.Less(t, r.Pages, from+(r.Passes+1)*testRegionSize/PageSize)
+	assert.LessOrEqual(t, r.Pages, from+(r.Passes+1)*testRegionSize/PageSize)
 }
 
 // rateOver measures the guest's pages/s over d.

@@ -40,9 +40,11 @@
 // reaper goroutine and the vCPU's own thread may both harvest. The ring's
 // soft-full exit (ExitDirtyRingFull) is not reliable on every host (see the
 // host notes): harvest often enough that the ring never fills. On a ring-full
-// exit, harvest on the vCPU thread; if that finds nothing, the ring is stuck
-// (seen on nested PVM under sustained load) and Recover moves it on, reporting
-// ErrRingInconsistent: treat all of guest memory as dirty then.
+// exit, the vCPU thread calls DirtyRing.HandleFull, then VM.ResetDirtyRings,
+// and runs again. HandleFull notices a stuck ring (nested PVM under sustained
+// load sometimes leaves an entry unflagged, and the in-order walk stops there)
+// and moves it on, reporting ErrRingInconsistent: treat all of guest memory as
+// dirty then. ErrRingStuck means it could not: the vCPU cannot go on.
 //
 // On hosts that emulate the guest's 32-bit code (nested PVM), every emulated
 // store is a ring entry, even to a page already dirty since the last reset:

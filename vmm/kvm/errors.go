@@ -38,3 +38,9 @@ var ErrNoKVM = errors.New("kvm: /dev/kvm unusable")
 // dirty entries than the ring has between two resets). The caller must treat
 // all memory as dirty: dirty pages may have been lost.
 var ErrRingInconsistent = errors.New("kvm: dirty ring inconsistent")
+
+// ErrRingStuck is wrapped (with ErrRingInconsistent) by DirtyRing.Recover when
+// the kernel reports the ring full but it holds nothing to collect: user space
+// cannot move it on, and the vCPU will make no progress with it. Seen on
+// nested PVM, whose writes to the ring are sometimes lost.
+var ErrRingStuck = errors.New("kvm: dirty ring stuck full with nothing to collect")

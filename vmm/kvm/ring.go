@@ -16,6 +16,7 @@ type DirtyRing struct {
 	entries []dirtyGFN // overlays mem: shared with the kernel
 	mask    uint32
 	fetch   uint32        // next entry to harvest (free-running)
+	atFull  uint32        // fetch after the last HandleFull
 	pending atomic.Uint32 // entries harvested since the last ResetDirtyRings
 }
 
@@ -26,6 +27,7 @@ func newDirtyRing(vm *VM, mem []byte) *DirtyRing {
 		mem:     mem,
 		entries: unsafe.Slice((*dirtyGFN)(unsafe.Pointer(&mem[0])), n),
 		mask:    uint32(n - 1),
+		atFull:  ^uint32(0), // no HandleFull yet
 	}
 }
 
@@ -51,6 +53,10 @@ func (r *DirtyRing) Size() int { return len(r.entries) }
 func (r *DirtyRing) Harvest(fn func(slot uint32, offset uint64)) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.harvest(fn)
+}
+
+func (r *DirtyRing) harvest(fn func(slot uint32, offset uint64)) (int, error) {
 	slots := r.vm.slots.Load()
 	size := uint32(len(r.entries))
 	n := 0
@@ -102,16 +108,31 @@ func (r *DirtyRing) Harvest(fn func(slot uint32, offset uint64)) (int, error) {
 // entry: dirty pages may have been lost, so the caller must treat all of guest
 // memory as dirty.
 //
-// Call it only while the vCPU is outside KVM_RUN (on its thread, after the
-// ring-full exit), when nothing is writing the ring, typically as
-//
-//	if n, err := ring.Harvest(fn); n == 0 && err == nil {
-//		n, err = ring.Recover(fn)
-//	}
-//	vm.ResetDirtyRings()
+// Call it only while the vCPU is outside KVM_RUN, when nothing is writing the
+// ring, and only when the ring is known stuck: HandleFull decides that.
 func (r *DirtyRing) Recover(fn func(slot uint32, offset uint64)) (int, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.recover(fn)
+}
+
+// HandleFull is what the vCPU's thread does after an ExitDirtyRingFull,
+// before VM.ResetDirtyRings and the next Run: it harvests, and when nothing at
+// all was collected since the previous ring-full exit (by it or by a reaper),
+// the kernel reported the ring full without publishing anything new, so the
+// ring is stuck and it Recovers. Its results are Harvest's or Recover's.
+func (r *DirtyRing) HandleFull(fn func(slot uint32, offset uint64)) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n, err := r.harvest(fn)
+	if n == 0 && err == nil && r.fetch == r.atFull {
+		n, err = r.recover(fn)
+	}
+	r.atFull = r.fetch
+	return n, err
+}
+
+func (r *DirtyRing) recover(fn func(slot uint32, offset uint64)) (int, error) {
 	slots := r.vm.slots.Load()
 	size := uint32(len(r.entries))
 	last := -1
@@ -119,6 +140,9 @@ func (r *DirtyRing) Recover(fn func(slot uint32, offset uint64)) (int, error) {
 		if atomic.LoadUint32(&r.entries[(r.fetch+i)&r.mask].Flags) == dirtyGFNDirty {
 			last = int(i)
 		}
+	}
+	if last < 0 {
+		return 0, fmt.Errorf("%w: %w", ErrRingInconsistent, ErrRingStuck)
 	}
 	n, skipped := 0, 0
 	for i := 0; i <= last; i++ {
