@@ -73,15 +73,27 @@ func (m *Migration) IncomingDone() <-chan struct{} {
 	return m.dst.done
 }
 
-// Close stops a destination that is still waiting. Outgoing migrations are cancelled.
+// Close ends what runs, before the machine closes: an incoming migration stops (without
+// IncomingFailed) and an outgoing one is cancelled; it returns once both have ended.
 func (m *Migration) Close() error {
 	m.mu.Lock()
-	d := m.dst
+	m.closing = true
+	d, src := m.dst, m.src
 	m.mu.Unlock()
 	if d != nil {
 		d.l.Close()
+		d.mu.Lock()
+		if d.conn != nil {
+			d.conn.Close()
+		}
+		d.mu.Unlock()
+		<-d.done
 	}
-	return m.Cancel()
+	if src != nil {
+		src.requestCancel()
+		<-src.done
+	}
+	return nil
 }
 
 // incomingRun is one incoming migration.
@@ -96,6 +108,7 @@ type incomingRun struct {
 	state   string
 	errDesc string
 	addrs   []SocketAddress
+	conn    inConn
 	dec     *Decoder
 }
 
@@ -133,6 +146,12 @@ func (d *incomingRun) run() {
 	d.errDesc = err.Error()
 	d.mu.Unlock()
 	d.setState(StatusFailed)
+	m.mu.Lock()
+	closing := m.closing
+	m.mu.Unlock()
+	if closing {
+		return
+	}
 	if d.exitOnError && m.cfg.IncomingFailed != nil {
 		m.cfg.IncomingFailed(err)
 		return
@@ -151,6 +170,9 @@ func (d *incomingRun) receive() error {
 	if err != nil {
 		return fmt.Errorf("waiting for the source: %w", err)
 	}
+	d.mu.Lock()
+	d.conn = c
+	d.mu.Unlock()
 	d.setState(StatusActive)
 	reply := c.replyTo()
 	returnPath := false

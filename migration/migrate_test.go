@@ -641,3 +641,23 @@ func BenchmarkMigrateIdle(b *testing.B) {
 	}
 	b.ReportMetric(float64(downtime)/float64(b.N), "downtime-ms")
 }
+
+// Closing a waiting destination (the daemon quits) is not a failed migration to exit on.
+func TestCloseWhileWaiting(t *testing.T) {
+	fm := newFakeMachine(64, 1)
+	fm.state = RunInmigrate
+	mig := New(Config{Machine: fm, Incoming: true, IncomingFailed: func(err error) { t.Errorf("IncomingFailed(%v)", err) }})
+	require.NoError(t, mig.StartIncoming("unix:"+sockPath(t)))
+	require.NoError(t, mig.Close())
+	require.Equal(t, "failed", mig.Query().Status)
+	require.Equal(t, RunInmigrate, fm.RunState())
+}
+
+func TestStartIncomingDefer(t *testing.T) {
+	fm := newFakeMachine(64, 1)
+	fm.state = RunInmigrate
+	mig := New(Config{Machine: fm, Incoming: true})
+	require.NoError(t, mig.StartIncoming("defer"))
+	require.Nil(t, mig.IncomingDone())
+	requireQErr(t, mig.StartIncoming("bogus:x"), "Parameter 'uri' expects a valid migration protocol")
+}

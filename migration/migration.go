@@ -35,6 +35,7 @@ type Migration struct {
 	src             *sourceRun
 	dst             *incomingRun
 	incomingStarted bool
+	closing         bool
 }
 
 // New returns the migration service of cfg.Machine with QEMU's defaults.
@@ -104,8 +105,11 @@ func (m *Migration) SetParameters(s *SetParameters) error {
 		return err
 	}
 	m.params = next
-	if r := m.src; r != nil && r.isRunning() && r.dirtyLimit && m.cfg.Limiter != nil {
-		m.cfg.Limiter.SetPeriod(time.Duration(next.XVCPUDirtyLimitPeriod) * time.Millisecond)
+	if r := m.src; r != nil && r.isRunning() {
+		r.limit.Store(int64(next.MaxBandwidth / 10))
+		if r.dirtyLimit {
+			m.cfg.Limiter.SetPeriod(time.Duration(next.XVCPUDirtyLimitPeriod) * time.Millisecond)
+		}
 	}
 	return nil
 }

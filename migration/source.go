@@ -3,8 +3,10 @@ package migration
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -69,6 +71,7 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 		expected:     int64(m.params.DowntimeLimit),
 		zeroCheck:    m.params.ZeroPageDetection != "none",
 	}
+	r.limit.Store(int64(m.params.MaxBandwidth / 10))
 	r.stats.PageSize = PageSize
 	r.stats.Total = int64(len(m.cfg.Machine.Memory()))
 	if r.dirtyLimit {
@@ -118,6 +121,8 @@ type sourceRun struct {
 	dirtyLimit   bool
 	userLimits   bool // dirty limits were in service before: migration leaves them alone
 	zeroCheck    bool
+
+	limit atomic.Int64 // bytes per 100 ms window, 0 = unlimited; set-parameters changes it live
 
 	// owned by the migration goroutine
 	paused    bool
@@ -285,9 +290,9 @@ func (r *sourceRun) precopy() error {
 		r.replies = make(chan error, 2)
 		go func() {
 			err := readReply(rp)
-			r.replies <- err
+			r.replies <- returnPathErr(err)
 			if err == nil {
-				r.replies <- readReply(rp)
+				r.replies <- returnPathErr(readReply(rp))
 			}
 		}()
 		select {
@@ -322,6 +327,15 @@ func (r *sourceRun) precopy() error {
 		return err
 	}
 	return s.complete()
+}
+
+// returnPathErr words a broken return path; a refusal stays as the destination wrote it.
+func returnPathErr(err error) error {
+	var ref *RefusedError
+	if err == nil || errors.As(err, &ref) {
+		return err
+	}
+	return fmt.Errorf("the destination did not answer: %w", err)
 }
 
 // ioError prefers the destination's refusal, or the cancellation, to the write error it caused.
@@ -375,7 +389,6 @@ type sender struct {
 	winStart   time.Time
 	winBytes   int64
 	winPages   int64
-	limit      int64 // bytes per window, 0 = unlimited
 	threshold  int64
 	stopped    bool
 	stopBytes  int64
@@ -393,7 +406,6 @@ type sender struct {
 
 func (s *sender) iterate() error {
 	r := s.r
-	s.limit = int64(r.m.paramsNow().MaxBandwidth / 10)
 	for {
 		if r.ctx.Err() != nil {
 			return errCancelled
@@ -402,7 +414,7 @@ func (s *sender) iterate() error {
 			return err
 		}
 		s.tick(time.Now())
-		if s.limit > 0 && s.enc.Written()-s.winBytes >= s.limit {
+		if s.rateExceeded() {
 			if err := s.enc.Flush(); err != nil {
 				return r.ioError(err)
 			}
@@ -433,8 +445,15 @@ func (s *sender) iterate() error {
 	}
 }
 
+// rateExceeded is migration_rate_exceeded: max-bandwidth/10 bytes per 100 ms window; a
+// limit below 10 bytes/s means none, as in QEMU.
+func (s *sender) rateExceeded() bool {
+	l := s.r.limit.Load()
+	return l > 0 && s.enc.Written()-s.winBytes >= l
+}
+
 // tick closes a bandwidth window every 100 ms: bandwidth, switch-over threshold, mbps,
-// pages per second, expected downtime, and the rate limit from the current max-bandwidth.
+// pages per second and expected downtime.
 func (s *sender) tick(now time.Time) {
 	el := now.Sub(s.winStart)
 	if el < bufferDelay {
@@ -449,7 +468,6 @@ func (s *sender) tick(now time.Time) {
 		switchBW = float64(p.AvailSwitchoverBandwidth) / 1000
 	}
 	s.threshold = int64(switchBW * float64(p.DowntimeLimit))
-	s.limit = int64(p.MaxBandwidth / 10)
 	r := s.r
 	r.mu.Lock()
 	r.stats.Mbps = float64(bytes) * 8 / (ms / 1000) / 1e6
@@ -523,7 +541,7 @@ func (s *sender) send(deadline time.Time, limited bool) error {
 			return r.ioError(err)
 		}
 		if limited {
-			if s.limit > 0 && s.enc.Written()-s.winBytes >= s.limit {
+			if s.rateExceeded() {
 				return nil
 			}
 			if time.Now().After(deadline) {
