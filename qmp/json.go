@@ -74,6 +74,9 @@ type decoder struct {
 	// doomed is set once the message's text cannot stay under maxTokenSize: the collected tokens
 	// are dropped right away (they will never be parsed), so memory stays bounded by the limit.
 	doomed bool
+	// lenient accepts strings with invalid sequences, for JSON encoding/json wrote from Go
+	// strings (which may hold non-characters QEMU would never accept as input).
+	lenient bool
 }
 
 func newDecoder(emit func(v *value, err *qerr.Error)) *decoder {
@@ -401,7 +404,7 @@ func (p *parser) value() *value {
 		return &value{kind: kindNumber, float: t.typ == tokFloat, str: string(p.text(t))}
 	case tokString:
 		p.pop()
-		s, err := decodeString(p.text(t))
+		s, err := decodeString(p.text(t), p.d.lenient)
 		if err != nil {
 			if p.err == nil {
 				p.err = err
@@ -524,8 +527,9 @@ func (p *parser) array() *value {
 }
 
 // decodeString decodes a string token (quotes included) the way QEMU does: the usual escapes plus
-// \', surrogate pairs, and no invalid or non-character code points.
-func decodeString(tok []byte) (string, *qerr.Error) {
+// \', surrogate pairs, and no invalid or non-character code points. lenient turns invalid raw
+// sequences into U+FFFD instead, as QEMU's writer prints them.
+func decodeString(tok []byte, lenient bool) (string, *qerr.Error) {
 	quote := tok[0]
 	out := make([]byte, 0, len(tok))
 	at := func(i int) byte { // QEMU's token is NUL-terminated; reading past it sees 0
@@ -538,6 +542,9 @@ func decodeString(tok []byte) (string, *qerr.Error) {
 		c := tok[i]
 		if c != '\\' {
 			cp, next := decodeModUTF8(tok, i)
+			if cp < 0 && lenient {
+				cp = 0xFFFD
+			}
 			if cp < 0 {
 				return "", parseError(errInvalidUTF8)
 			}

@@ -209,3 +209,22 @@ func FuzzDecoder(f *testing.F) {
 		require.Equal(t, decodeAll(string(in), 0), decodeAll(string(in), int(chunk)+1))
 	})
 }
+
+// Results are written as QEMU's writer would print the Go values.
+func TestMarshalValue(t *testing.T) {
+	for _, tc := range []struct {
+		in   any
+		want string
+	}{
+		{"a\uffffb\xffc<>&\u2028", `"a\uFFFDb\uFFFDc<>&\u2028"`},
+		{map[string]float64{"x": 0.1, "y": 3}, `{"x": 0.10000000000000001, "y": 3}`},
+		{[]uint64{1 << 63, 18446744073709551615}, `[9223372036854775808, 18446744073709551615]`},
+		{struct {
+			A int64 `json:"a"`
+		}{-1 << 63}, `{"a": -9223372036854775808}`},
+	} {
+		v, err := marshalValue(tc.in)
+		require.NoError(t, err)
+		require.Equal(t, tc.want, string(appendQEMU(nil, v)))
+	}
+}

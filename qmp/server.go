@@ -335,7 +335,7 @@ func reply(ret *value, qe *qerr.Error, id *value) []byte {
 	return append(appendQEMU(nil, r), '\r', '\n')
 }
 
-// commandArgs is the argument object of qmp_capabilities after validation.
+// capsArgs is the argument object of qmp_capabilities after validation.
 type capsArgs struct {
 	Enable []string `json:"enable"`
 }

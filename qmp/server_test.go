@@ -122,6 +122,8 @@ func TestDispatch(t *testing.T) {
 			`{"return": {"status": "x", "running": true, "b": [1, 0.10000000000000001]}}`},
 		{"non-ASCII result", `{"execute": "echo", "arguments": {"s": "é\u2028<>&"}}`,
 			`{"return": {"s": "\u00E9\u2028<>&"}}`},
+		{"non-character in a result", `{"execute": "echo", "arguments": {"s": "\uFFFF"}}`,
+			`{"error": {"class": "GenericError", "desc": "JSON parse error, \\uFFFF is not a valid Unicode character"}}`},
 		{"handler panic", `{"execute": "boom", "id": 3}`,
 			`{"id": 3, "error": {"class": "GenericError", "desc": "internal error: boom"}}`},
 		{"schema", `{"execute": "query-qmp-schema"}`,

@@ -79,8 +79,8 @@ func object(kv ...any) *value {
 	return o
 }
 
-// parseJSON parses one JSON document with the QMP reader (used on JSON the server produced
-// itself, such as a marshalled handler result).
+// parseJSON parses one JSON document with the QMP reader, leniently: it reads JSON the server
+// produced itself, such as a marshalled handler result.
 func parseJSON(b []byte) (*value, *qerr.Error) {
 	var (
 		v   *value
@@ -93,6 +93,7 @@ func parseJSON(b []byte) (*value, *qerr.Error) {
 		}
 		n++
 	})
+	d.lenient = true
 	d.feed(b)
 	d.feedByte(' ') // ends a trailing number or keyword
 	if n != 1 || d.state != lsStart || len(d.toks) != 0 {

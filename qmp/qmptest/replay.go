@@ -224,7 +224,7 @@ func (r *replayer) expect(where, data string) bool {
 		}
 		got, ok := r.await(where, func(m received) bool { return isEvent(m.v) && m.v["event"] == name }, &r.events)
 		if ok {
-			r.compare(where, name, want, got, false)
+			r.compare(where, name, want, got)
 		}
 		return ok
 	}
@@ -261,7 +261,7 @@ func (r *replayer) expect(where, data string) bool {
 		}
 		return true
 	}
-	r.compare(where, msg, want, got, true)
+	r.compare(where, msg, want, got)
 	return true
 }
 
@@ -299,7 +299,7 @@ func (r *replayer) await(where string, match func(received) bool, pool *[]receiv
 	}
 }
 
-func (r *replayer) compare(where, msg string, want map[string]any, got received, reply bool) {
+func (r *replayer) compare(where, msg string, want map[string]any, got received) {
 	c := comparer{opts: r.opts, msg: msg, root: want}
 	c.diff("", "", want, got.v)
 	for _, d := range c.diffs {
