@@ -107,10 +107,11 @@ func (r *sourceRun) stopThrottle() {
 }
 
 // dirtyLimitGuest is migration_dirty_limit_guest: every vCPU gets vcpu-dirty-limit, re-applied
-// when the parameter changed. Limits the user set before the migration are left alone.
+// when the parameter changed. Limits the user set (before the migration, or during it while
+// none was in service) are left alone, where QEMU would overwrite them.
 func (r *sourceRun) dirtyLimitGuest(p Parameters) {
 	l := r.m.cfg.Limiter
-	if r.userLimits {
+	if !r.dlApplied && l.InService() {
 		return
 	}
 	if r.dlApplied && r.dlQuota == p.VCPUDirtyLimit && l.InService() {

@@ -29,8 +29,9 @@
 // max-cpu-throttle, served as p/(1−p) × 10 ms of sleep per 10 ms slice on each vCPU's thread
 // through the machine's hook) or, with the dirty-limit capability, by giving every vCPU the
 // vcpu-dirty-limit with period x-vcpu-dirty-limit-period. Unlike QEMU, limits the migration
-// set are lifted when it ends whatever the outcome, and limits the user set before the
-// migration are left as they were (the migration does not override them).
+// set are lifted when it ends whatever the outcome, and limits the user set (before the
+// migration, or during it while none was in service) are left as they were: the migration
+// neither overrides nor cancels them.
 //
 // # Transports
 //

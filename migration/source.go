@@ -76,7 +76,6 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 	r.stats.Total = int64(len(m.cfg.Machine.Memory()))
 	if r.dirtyLimit {
 		l := m.cfg.Limiter
-		r.userLimits = l.InService()
 		l.SetMigrationActive(true)
 		l.SetPeriod(time.Duration(m.params.XVCPUDirtyLimitPeriod) * time.Millisecond)
 	}
@@ -119,7 +118,6 @@ type sourceRun struct {
 	events       bool
 	autoConverge bool
 	dirtyLimit   bool
-	userLimits   bool // dirty limits were in service before: migration leaves them alone
 	zeroCheck    bool
 
 	limit atomic.Int64 // bytes per 100 ms window, 0 = unlimited; set-parameters changes it live
