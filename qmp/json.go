@@ -510,7 +510,7 @@ func (p *parser) array() *value {
 		if v == nil {
 			return nil
 		}
-		arr.items = append(arr.items, v)
+		arr.append(v)
 		t = p.pop()
 		if t == nil {
 			p.fail(errPrematureEOI)

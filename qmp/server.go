@@ -292,7 +292,7 @@ func (s *Server) start(conn net.Conn) {
 	s.wg.Add(4)
 	s.mu.Unlock()
 
-	greeting := object("QMP", object("version", s.versionValue(), "capabilities", &value{kind: kindArray, items: []*value{str("oob")}}))
+	greeting := object("QMP", object("version", s.versionValue(), "capabilities", &value{kind: kindArray, elems: &elems{vals: []*value{str("oob")}}}))
 	ss.push(append(appendQEMU(nil, greeting), '\r', '\n'))
 	go ss.netRead()
 	go ss.parse()

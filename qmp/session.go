@@ -213,7 +213,7 @@ func (ss *session) checkRequest(v *value) (string, *qerr.Error) {
 	allowOOB := ss.oob.Load()
 	execKey := ""
 	for _, i := range qdictOrder(v) {
-		k, val := v.keys[i], v.vals[i]
+		k, val := v.elems.keys[i], v.elems.vals[i]
 		switch {
 		case k == "execute" || (k == "exec-oob" && allowOOB):
 			if val.kind != kindString {

@@ -21,50 +21,82 @@ const (
 )
 
 // value is a parsed JSON value. Numbers keep their text, so arguments reach the catalog as the
-// client wrote them (1.0 stays a float, 18446744073709551616 stays out of range).
+// client wrote them (1.0 stays a float, 18446744073709551616 stays out of range). It is kept
+// small: a message may hold a million of them.
 type value struct {
 	kind  kind
 	b     bool
 	float bool   // number written with a fraction or exponent
 	str   string // string contents, or the number's text
-	items []*value
-	keys  []string // object members, in input order
+	elems *elems // array elements or object members
+}
+
+type elems struct {
+	keys  []string // object member names, in input order
 	vals  []*value
 	index map[string]int // built once an object grows large, for duplicate detection
 }
 
+func (v *value) members() *elems {
+	if v.elems == nil {
+		v.elems = &elems{}
+	}
+	return v.elems
+}
+
+// keys and vals read an array's or object's contents (nil when empty).
+func (v *value) keys() []string {
+	if v.elems == nil {
+		return nil
+	}
+	return v.elems.keys
+}
+
+func (v *value) vals() []*value {
+	if v.elems == nil {
+		return nil
+	}
+	return v.elems.vals
+}
+
+func (v *value) append(item *value) {
+	e := v.members()
+	e.vals = append(e.vals, item)
+}
+
 func (v *value) has(key string) bool {
-	if v.index != nil {
-		_, ok := v.index[key]
+	if v.elems != nil && v.elems.index != nil {
+		_, ok := v.elems.index[key]
 		return ok
 	}
-	return slices.Contains(v.keys, key)
+	return slices.Contains(v.keys(), key)
 }
 
 func (v *value) add(key string, val *value) {
 	const indexFrom = 16
-	v.keys = append(v.keys, key)
-	v.vals = append(v.vals, val)
+	e := v.members()
+	e.keys = append(e.keys, key)
+	e.vals = append(e.vals, val)
 	switch {
-	case v.index != nil:
-		v.index[key] = len(v.keys) - 1
-	case len(v.keys) >= indexFrom:
-		v.index = make(map[string]int, 2*len(v.keys))
-		for i, k := range v.keys {
-			v.index[k] = i
+	case e.index != nil:
+		e.index[key] = len(e.keys) - 1
+	case len(e.keys) >= indexFrom:
+		e.index = make(map[string]int, 2*len(e.keys))
+		for i, k := range e.keys {
+			e.index[k] = i
 		}
 	}
 }
 
 func (v *value) get(key string) *value {
-	if v.index != nil {
-		if i, ok := v.index[key]; ok {
-			return v.vals[i]
+	if v.elems != nil && v.elems.index != nil {
+		if i, ok := v.elems.index[key]; ok {
+			return v.elems.vals[i]
 		}
 		return nil
 	}
-	if i := slices.Index(v.keys, key); i >= 0 {
-		return v.vals[i]
+	if i := slices.Index(v.keys(), key); i >= 0 {
+		return v.elems.vals[i]
 	}
 	return nil
 }
@@ -132,9 +164,10 @@ func qdictBucket(key string) uint32 {
 
 // qdictOrder returns the member indexes of object v in QEMU's iteration order.
 func qdictOrder(v *value) []int {
-	order := make([]int, len(v.keys))
-	buckets := make([]uint32, len(v.keys))
-	for i, k := range v.keys {
+	keys := v.keys()
+	order := make([]int, len(keys))
+	buckets := make([]uint32, len(keys))
+	for i, k := range keys {
 		order[i] = i
 		buckets[i] = qdictBucket(k)
 	}
@@ -162,7 +195,7 @@ func appendQEMU(b []byte, v *value) []byte {
 		return appendQuoted(b, v.str)
 	case kindArray:
 		b = append(b, '[')
-		for i, it := range v.items {
+		for i, it := range v.vals() {
 			if i > 0 {
 				b = append(b, ", "...)
 			}
@@ -175,9 +208,9 @@ func appendQEMU(b []byte, v *value) []byte {
 			if n > 0 {
 				b = append(b, ", "...)
 			}
-			b = appendQuoted(b, v.keys[i])
+			b = appendQuoted(b, v.elems.keys[i])
 			b = append(b, ": "...)
-			b = appendQEMU(b, v.vals[i])
+			b = appendQEMU(b, v.elems.vals[i])
 		}
 		return append(b, '}')
 	}
@@ -263,7 +296,7 @@ func appendRaw(b []byte, v *value) []byte {
 		return appendQuoted(b, v.str)
 	case kindArray:
 		b = append(b, '[')
-		for i, it := range v.items {
+		for i, it := range v.vals() {
 			if i > 0 {
 				b = append(b, ',')
 			}
@@ -272,13 +305,13 @@ func appendRaw(b []byte, v *value) []byte {
 		return append(b, ']')
 	default:
 		b = append(b, '{')
-		for i, k := range v.keys {
+		for i, k := range v.keys() {
 			if i > 0 {
 				b = append(b, ',')
 			}
 			b = appendQuoted(b, k)
 			b = append(b, ':')
-			b = appendRaw(b, v.vals[i])
+			b = appendRaw(b, v.elems.vals[i])
 		}
 		return append(b, '}')
 	}
