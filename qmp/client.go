@@ -131,6 +131,9 @@ func (c *Client) Execute(ctx context.Context, cmd string, args, result any) erro
 		}
 	}
 
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	ch := make(chan response, 1)
 	c.mu.Lock()
 	if c.err != nil {

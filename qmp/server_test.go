@@ -210,13 +210,21 @@ func TestOutOfBand(t *testing.T) {
 // A client that disconnects while its command runs cancels the command's context and leaves
 // the others alone; Close then finds nothing left running.
 func TestDisconnectMidCommand(t *testing.T) {
-	srv, vm := newFakeServer(t)
+	srv, _ := newFakeServer(t)
+	started, canceled := make(chan struct{}), make(chan struct{})
+	srv.Handle("block", func(ctx context.Context, _ json.RawMessage) (any, error) {
+		close(started)
+		<-ctx.Done()
+		close(canceled)
+		return nil, ctx.Err()
+	})
 	sock := serveUnix(t, srv)
 	c := dialRaw(t, sock)
 	c.negotiate(t, "")
 	c.send(t, `{"execute": "block"}{"execute": "query-status"}`)
-	<-vm.started
+	<-started
 	require.NoError(t, c.Close())
+	<-canceled
 
 	other, err := Dial(context.Background(), "unix", sock)
 	require.NoError(t, err)

@@ -13,4 +13,7 @@
 // and the package string are compared by presence and type only, and Options adds keys or paths
 // whose values depend on the run. Events may arrive before or after the reply that caused them.
 // Options.Exact asks for byte-identical replies instead.
+//
+// A Player replays in steps, for scenarios that interleave connections (a migration's
+// destination and source): Until plays up to a given reply, Rest plays the remainder.
 package qmptest
