@@ -22,6 +22,9 @@ func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
 		return nil, err
 	}
 	m := d.machine
+	if d.cfg.incoming != "" {
+		m.SetAutostart(!d.cfg.startPaused) // cont and stop during inmigrate change it later
+	}
 	return migration.New(migration.Config{
 		Machine:        migrationMachine{m: m, lim: d.limiter},
 		Limiter:        d.limiter,
