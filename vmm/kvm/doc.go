@@ -34,17 +34,28 @@
 // # Dirty ring
 //
 // With EnableDirtyRing, every vCPU gets a ring of kvm_dirty_gfn entries
-// (VCPU.Ring). A harvester calls DirtyRing.Harvest while the vCPU runs, then
-// VM.ResetDirtyRings, and only then reads the contents of the harvested pages.
-// Harvest, Recover and ResetDirtyRings serialise on each ring's lock, so a
-// reaper goroutine and the vCPU's own thread may both harvest. The ring's
-// soft-full exit (ExitDirtyRingFull) is not reliable on every host (see the
-// host notes): harvest often enough that the ring never fills. On a ring-full
-// exit, the vCPU thread calls DirtyRing.HandleFull, then VM.ResetDirtyRings,
-// and runs again. HandleFull notices a stuck ring (nested PVM under sustained
-// load sometimes leaves an entry unflagged, and the in-order walk stops there)
-// and moves it on, reporting ErrRingInconsistent: treat all of guest memory as
-// dirty then. ErrRingStuck means it could not: the vCPU cannot go on.
+// (VCPU.Ring). Collecting it is DirtyRing.Harvest, then VM.ResetDirtyRings,
+// and only then reading the contents of the harvested pages. Harvest, Recover,
+// HandleFull and ResetDirtyRings serialise on each ring's lock, so several
+// goroutines may collect.
+//
+// Where to collect: on nested PVM, harvesting and resetting from another
+// goroutine while the vCPU is inside KVM_RUN (QEMU's reaper thread design)
+// makes the host lose ring writes within seconds of sustained dirtying: entries
+// left without their DIRTY flag, ring-full exits, rings that stay full. Doing
+// both on the vCPU's own thread between runs, kicked every 500 µs, has been
+// clean there (no ring-full exit, about 2 million entries/s for one vCPU):
+// TestRingUnderLoadNeverFailsSilently measures both. ResetDirtyRings is
+// VM-wide, so with several vCPUs one thread's reset still meets the others in
+// KVM_RUN; expect some recoveries then.
+//
+// The ring's soft-full exit (ExitDirtyRingFull) is not reliable on every host
+// (see the host notes): collect often enough that the ring never fills. On a
+// ring-full exit the vCPU thread calls DirtyRing.HandleFull, then
+// VM.ResetDirtyRings, and runs again. HandleFull notices a stuck ring (an entry
+// left unflagged stops the in-order walk for good) and moves it on, reporting
+// ErrRingInconsistent: treat all of guest memory as dirty then. ErrRingStuck
+// means it could not: the vCPU cannot go on with this ring.
 //
 // On hosts that emulate the guest's 32-bit code (nested PVM), every emulated
 // store is a ring entry, even to a page already dirty since the last reset:
