@@ -635,8 +635,8 @@ func (s *sender) zeroPage(p int) bool {
 func (s *sender) complete() error {
 	r := s.r
 	r.stopThrottle()
-	if r.dirtyLimit {
-		r.m.cfg.Limiter.Wake() // no vCPU asleep in its penalty holds the stop up
+	if l := r.m.cfg.Limiter; l != nil {
+		l.Wake() // no vCPU asleep in a dirty-limit penalty holds the stop up
 	}
 	r.mu.Lock()
 	if r.cancelRequested {
