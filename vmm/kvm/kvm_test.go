@@ -381,6 +381,7 @@ type spinner struct {
 	tid     int
 	counter *uint32        // the guest's counter
 	kicking atomic.Bool    // a kick was requested: an EINTR now is ours
+	quit    atomic.Bool    // the test is over
 	results chan runResult // one per kick
 }
 
@@ -397,12 +398,12 @@ func startSpinner(tb testing.TB, kicks int) *spinner {
 	s := &spinner{
 		c:       newTestVCPU(tb, vm, mem, progSpin(testData)),
 		counter: (*uint32)(unsafe.Pointer(&mem[testData])),
-		results: make(chan runResult),
+		results: make(chan runResult, kicks),
 	}
 	tids := make(chan int)
-	onVCPUThread(func(tid int) {
+	ended := onVCPUThread(func(tid int) {
 		tids <- tid
-		for i := 0; i < kicks; {
+		for i := 0; i < kicks && !s.quit.Load(); {
 			err := s.c.Run()
 			at := time.Now()
 			if errors.Is(err, unix.EINTR) && !s.kicking.Load() {
@@ -415,6 +416,18 @@ func startSpinner(tb testing.TB, kicks int) *spinner {
 		}
 	})
 	s.tid = <-tids
+	tb.Cleanup(func() { // out of KVM_RUN before the VM's cleanup unmaps it
+		s.quit.Store(true)
+		s.kicking.Store(true)
+		for {
+			s.c.Kick(s.tid)
+			select {
+			case <-ended:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	})
 	return s
 }
 
