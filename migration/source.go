@@ -28,6 +28,7 @@ const (
 	syncPeriod   = time.Second            // dirty-rate and throttle-trigger period
 	runPages     = 64                     // largest page run the sender builds
 	defaultDLPer = time.Second            // the dirty-limit period outside migration
+	forcedSync   = 5 * time.Second        // auto-converge's longest time without a sync
 )
 
 // Migrate is migrate: checks, then the migration runs in the background; MIGRATION setup is
@@ -400,6 +401,7 @@ type sender struct {
 	periodXfer int64
 
 	periodStart time.Time
+	lastSyncAt  time.Time
 }
 
 func (s *sender) iterate() error {
@@ -422,6 +424,11 @@ func (s *sender) iterate() error {
 				return errCancelled
 			}
 			continue
+		}
+		// Auto-converge needs syncs to see the guest slow down: past the first pass, one at
+		// least every 5 s however long a pass takes (QEMU 9.2's dirty-sync timer).
+		if r.autoConverge && s.syncCount > 1 && time.Since(s.lastSyncAt) >= forcedSync {
+			s.sync()
 		}
 		pending := int64(s.dirty) * PageSize
 		if pending < s.threshold {
@@ -487,6 +494,7 @@ func (s *sender) sync() {
 	}
 	s.dirty = n
 	s.syncCount++
+	s.lastSyncAt = time.Now()
 	s.periodPgs += int64(added)
 	s.lastSync = int64(n) * PageSize
 	now := time.Now()
