@@ -28,7 +28,9 @@
 // auto-converge (a CPU throttle of cpu-throttle-initial, then +increment up to
 // max-cpu-throttle, served as p/(1−p) × 10 ms of sleep per 10 ms slice on each vCPU's thread
 // through the machine's hook) or, with the dirty-limit capability, by giving every vCPU the
-// vcpu-dirty-limit with period x-vcpu-dirty-limit-period. Unlike QEMU, limits the migration
+// vcpu-dirty-limit with period x-vcpu-dirty-limit-period. With auto-converge a sync also
+// happens at least every 5 s after the first pass, so that the throttle reacts inside long
+// passes. Unlike QEMU, limits the migration
 // set are lifted when it ends whatever the outcome, and limits the user set (before the
 // migration, or during it while none was in service) are left as they were: the migration
 // neither overrides nor cancels them.
