@@ -651,8 +651,8 @@ func ringUnderLoad(t *testing.T, reaper bool) {
 				require.NoError(t, c.Kick(tid))
 			}
 		}
-		if i%400 == 0 && end == nil {
-			require.Greater(t, entries.Load(), before, "no dirty pages for 400 ticks and no error: stuck silently")
+		if i%1000 == 0 && end == nil {
+			require.Greater(t, entries.Load(), before, "no dirty pages for 1000 ticks and no error: stuck silently")
 			before = entries.Load()
 		}
 	}
