@@ -25,7 +25,9 @@ type VM struct {
 }
 
 // EnableDirtyRing gives every vCPU created afterwards a dirty ring of entries
-// entries (a power of two, at most CheckExtension's limit / 16). It must be
+// entries (a power of two, at most CheckExtension's limit / 16, and more than
+// the kernel reserves: 256 is the least accepted here, larger with Intel PML on
+// bare metal; the kernel answers EINVAL otherwise). It must be
 // called before the first CreateVCPU and at most once. It uses
 // KVM_CAP_DIRTY_LOG_RING_ACQ_REL when the host has it, else
 // KVM_CAP_DIRTY_LOG_RING.
