@@ -160,6 +160,17 @@ func TestMigrateRefusals(t *testing.T) {
 		})
 	}
 	requireQErr(t, src.mig.MigrateIncoming(IncomingArgs{URI: &uri}), "'-incoming' was not specified on the command line")
+	for _, tc := range []struct{ params, want string }{
+		{`{"mode": "cpr-transfer"}`, "missing 'cpr' migration channel"},
+		{`{"mode": "cpr-reboot"}`, "migvisor does not support mode 'cpr-reboot'"},
+		{`{"tls-creds": "tls0"}`, "No TLS credentials with id 'tls0'"},
+	} {
+		t.Run(tc.params, func(t *testing.T) {
+			m := newSource(t, 16, 1, false)
+			require.NoError(t, m.mig.SetParameters(setParams(t, tc.params)))
+			requireQErr(t, m.mig.Migrate(MigrateArgs{URI: &uri}), tc.want)
+		})
+	}
 }
 
 // A guest that keeps writing converges when the link is fast, and both memories end equal.
@@ -437,6 +448,23 @@ func TestFaults(t *testing.T) {
 		evs := without(src.m.events.list(), "MIGRATION_PASS")
 		require.Equal(t, []string{"MIGRATION setup", "MIGRATION active", "STOP", "MIGRATION device",
 			"MIGRATION cancelling", "RESUME", "MIGRATION cancelled"}, evs[:7])
+	})
+	t.Run("cancel an exec migration", func(t *testing.T) {
+		src := newSource(t, 1024, 1, false)
+		fill(src.m.mem)
+		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:sleep 60")})) // never reads
+		for query(t, src.mig)["status"] != "active" {
+			time.Sleep(time.Millisecond)
+		}
+		require.NoError(t, src.mig.Cancel())
+		requireSourceIntact(t, src, StatusCancelled, false)
+	})
+	t.Run("exec command fails", func(t *testing.T) {
+		src := newSource(t, 16, 1, false)
+		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:cat >/dev/null; exit 3")}))
+		wait(t, src.mig.Done())
+		require.Contains(t, query(t, src.mig)["error-desc"], "migration command failed: exit status 3")
+		requireSourceIntact(t, src, StatusFailed, true)
 	})
 	t.Run("cancel during setup", func(t *testing.T) {
 		src := newSource(t, 64, 1, false)

@@ -218,9 +218,6 @@ func NewDecoder(r io.Reader) *Decoder {
 	return &Decoder{r: bufio.NewReaderSize(r, 1<<20)}
 }
 
-// Read is the number of bytes consumed so far.
-func (d *Decoder) Read() int64 { return d.n }
-
 func (d *Decoder) full(b []byte) error {
 	n, err := io.ReadFull(d.r, b)
 	d.n += int64(n)
