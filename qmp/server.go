@@ -114,11 +114,11 @@ func NewServer(cat Catalog, v Version) *Server {
 	return s
 }
 
-// Handle registers the handler for command name, replacing any earlier one.
-// qmp_capabilities is part of the protocol and cannot be replaced.
+// Handle registers the handler for command name, replacing any earlier one (the built-in
+// queries too). qmp_capabilities belongs to the protocol: a handler for it is ignored.
 func (s *Server) Handle(name string, h Handler) {
 	if name == "qmp_capabilities" {
-		panic("qmp: qmp_capabilities is built in")
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
