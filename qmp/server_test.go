@@ -343,3 +343,25 @@ func TestSeveralListeners(t *testing.T) {
 	require.NoError(t, srv.Close())
 	require.NoError(t, <-served)
 }
+
+func TestServeAfterClose(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	require.NoError(t, srv.Close())
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	require.NoError(t, srv.Serve(l))
+	_, err = l.Accept()
+	require.ErrorIs(t, err, net.ErrClosed, "Serve closes a listener it cannot use")
+	srv.Emit("NOBODY", nil) // harmless
+	require.NoError(t, srv.Close())
+}
+
+// A listener failing for good ends Serve with its error.
+func TestServeListenerError(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	defer srv.Close()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	require.NoError(t, l.Close())
+	require.ErrorIs(t, srv.Serve(l), net.ErrClosed)
+}
