@@ -68,8 +68,9 @@ type reaper struct {
 	interval  time.Duration
 	maxIntvl  time.Duration
 	visitFn   func(page uint64)
-	unreset   int  // entries harvested since the last reset
 	bad       bool // the current pass met an impossible page
+
+	closed bool // the machine is closed: no more passes
 
 	failSafes atomic.Uint64
 	passes    atomic.Uint64
@@ -105,6 +106,12 @@ func (r *reaper) start() {
 		r.m.wg.Add(1)
 		go r.loop(c, w, len(r.wakes) == 1)
 	}
+}
+
+func (r *reaper) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
 }
 
 func (r *reaper) wakeUp() {
@@ -145,7 +152,7 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 		}
 		interval := r.maxIntvl
 		if r.mu.TryLock() { // else another thread is at it
-			r.adapt(r.passLocked(false))
+			r.adapt(r.passLocked())
 			interval = r.interval
 			r.mu.Unlock()
 		}
@@ -176,7 +183,7 @@ func (r *reaper) adapt(fill int) {
 func (r *reaper) harvest() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.passLocked(true)
+	return r.passLocked()
 }
 
 // ringFull serves a vCPU whose ring filled up (a real KVM_EXIT_DIRTY_RING_FULL or the soft
@@ -186,17 +193,21 @@ func (r *reaper) ringFull(cpu int) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	before := r.m.cpus[cpu].dirty.Load()
-	r.passLocked(true)
+	r.passLocked()
 	r.sinceFull[cpu] = 0
 	return r.m.cpus[cpu].dirty.Load() - before
 }
 
-// passLocked harvests every ring and hands the pages on. It resets the rings once a quarter
-// ring's worth of entries has been harvested, and always when forceReset is set: everything a
-// pass with forceReset delivered is re-armed when it returns, so a consumer may then read the
-// pages' contents (DirtyLog.Sync, Harvest).
-func (r *reaper) passLocked(forceReset bool) int {
+// passLocked harvests every ring, hands the pages on and resets the rings: every page a pass
+// delivered is re-armed when it returns, so a consumer may then read the pages' contents
+// (DirtyLog.Sync, Harvest). Resetting at every pass, rather than every so many entries, keeps
+// the most room in the rings: on the project's hosts nothing else stops KVM from overrunning
+// one.
+func (r *reaper) passLocked() int {
 	m := r.m
+	if r.closed {
+		return 0
+	}
 	r.passes.Add(1)
 	if m.cfg.DirtyRingSize == 0 {
 		r.bad = false
@@ -229,9 +240,7 @@ func (r *reaper) passLocked(forceReset bool) int {
 			m.Kick(c.id)
 		}
 	}
-	r.unreset += total
-	if r.unreset > 0 && (forceReset || r.unreset >= m.cfg.DirtyRingSize/4) {
-		r.unreset = 0
+	if total > 0 {
 		if err := m.be.resetRings(); err != nil {
 			r.failSafeLocked(-1, err)
 		}
@@ -295,7 +304,7 @@ func (m *Machine) NewDirtyLog() *DirtyLog {
 	r := m.rp
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.passLocked(true) // what was dirtied before belongs to the views already open
+	r.passLocked() // what was dirtied before belongs to the views already open
 	d := &DirtyLog{r: r, bits: make([]uint64, (m.pages+63)/64)}
 	r.logs = append(r.logs, d)
 	return d
@@ -310,7 +319,7 @@ func (d *DirtyLog) Sync(dst []uint64) int {
 	if d.bits == nil {
 		return 0
 	}
-	r.passLocked(true)
+	r.passLocked()
 	n := 0
 	for i, w := range d.bits[:min(len(d.bits), len(dst))] {
 		if w == 0 {

@@ -74,8 +74,11 @@ type Machine struct {
 	rp   *reaper
 
 	stats *sampler
-	wg    sync.WaitGroup
-	done  chan struct{}
+
+	memMu    sync.RWMutex // Close unmaps the memory under it: readers check unmapped
+	unmapped bool
+	wg       sync.WaitGroup
+	done     chan struct{}
 }
 
 // vcpu is one virtual CPU: its thread's view of the run state, its ring and its counters.
@@ -156,12 +159,7 @@ func New(cfg Config) (*Machine, error) {
 	for i := range m.cpus {
 		m.cpus[i] = &vcpu{id: i, r: m.be.runner(i), ring: m.be.ring(i), wake: make(chan struct{}, 1)}
 	}
-	// A thread inside KVM_RUN keeps its P until sysmon takes it back, which can take up to
-	// 10 ms: with only as many Ps as cores, busy vCPUs would keep the reaper (and everything
-	// else) waiting that long. Spare Ps let woken threads run at once.
-	if want := 2*runtime.NumCPU() + cfg.CPUs + 2; runtime.GOMAXPROCS(0) < want {
-		runtime.GOMAXPROCS(want)
-	}
+	spareProcs(cfg.CPUs)
 	m.rp = newReaper(m)
 	m.stats = newSampler(m)
 	ready := make(chan struct{}, cfg.CPUs)
@@ -184,7 +182,8 @@ func New(cfg Config) (*Machine, error) {
 }
 
 // Close stops the vCPUs and the reaper and releases the guest memory. Memory() must not be used
-// after Close.
+// after Close; the other methods are harmless then (WorkloadStats returns nil, Sync adds
+// nothing).
 func (m *Machine) Close() error {
 	m.mu.Lock()
 	if m.closed {
@@ -201,6 +200,11 @@ func (m *Machine) Close() error {
 	}
 	m.rp.wakeUp()
 	m.wg.Wait()
+	m.rp.close()
+	releaseProcs()
+	m.memMu.Lock()
+	defer m.memMu.Unlock()
+	m.unmapped = true
 	err := m.be.close()
 	return errors.Join(err, unix.Munmap(m.mem))
 }
@@ -389,4 +393,33 @@ func (m *Machine) running() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.run && !m.closed
+}
+
+// A thread inside KVM_RUN keeps its P until sysmon takes it back, which can take up to 10 ms:
+// with only as many Ps as cores, busy vCPUs would keep the reaper (and everything else)
+// waiting that long. While machines exist GOMAXPROCS has spare Ps, so that woken threads run
+// at once; the last Close restores it.
+var procs struct {
+	sync.Mutex
+	users, saved int
+}
+
+func spareProcs(vcpus int) {
+	procs.Lock()
+	defer procs.Unlock()
+	if procs.users == 0 {
+		procs.saved = runtime.GOMAXPROCS(0)
+	}
+	procs.users++
+	if want := 2*runtime.NumCPU() + vcpus + 2; runtime.GOMAXPROCS(0) < want {
+		runtime.GOMAXPROCS(want)
+	}
+}
+
+func releaseProcs() {
+	procs.Lock()
+	defer procs.Unlock()
+	if procs.users--; procs.users == 0 {
+		runtime.GOMAXPROCS(procs.saved)
+	}
 }

@@ -110,3 +110,19 @@ func TestVCPUsRunOnlyWhenRunning(t *testing.T) {
 		}
 	})
 }
+
+// After Close the machine answers harmlessly.
+func TestAfterClose(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		m, err := New(Config{Accel: accel, MemSize: 8 << 20, CPUs: 1, DirtyRingSize: testRing(accel), Initial: Running,
+			Workloads: []Workload{{Mode: ModeWrite}}})
+		require.NoError(t, err)
+		log := m.NewDirtyLog()
+		require.NoError(t, m.Close())
+		require.NoError(t, m.Close())
+		require.Nil(t, m.WorkloadStats())
+		m.Harvest()
+		require.Zero(t, log.Sync(make([]uint64, 32)))
+		require.NoError(t, m.Stop())
+	})
+}

@@ -140,6 +140,11 @@ type WorkloadStat struct {
 
 // WorkloadStats reads every vCPU's record while the vCPUs run.
 func (m *Machine) WorkloadStats() []WorkloadStat {
+	m.memMu.RLock()
+	defer m.memMu.RUnlock()
+	if m.unmapped {
+		return nil
+	}
 	now := time.Now()
 	out := make([]WorkloadStat, len(m.cpus))
 	for i := range out {
