@@ -199,8 +199,19 @@ func (r *sourceRun) run() {
 // migration imposed, and records the outcome.
 func (r *sourceRun) finish(err error) {
 	mach := r.m.cfg.Machine
+	defer close(r.done)
 	r.stopThrottle()
 	r.liftLimits()
+	r.cancel()
+	r.mu.Lock()
+	out, cancelled := r.out, r.cancelRequested
+	r.mu.Unlock()
+	if err != nil && out != nil {
+		out.abort()
+	}
+	// A migrate issued meanwhile sees the run state and the outcome together.
+	r.m.mu.Lock()
+	defer r.m.mu.Unlock()
 	if err == nil {
 		end := time.Now()
 		r.mu.Lock()
@@ -214,17 +225,8 @@ func (r *sourceRun) finish(err error) {
 		r.mu.Unlock()
 		mach.SetRunState(RunPostmigrate)
 		r.setState(StatusCompleted)
-		r.cancel()
-		close(r.done)
 		return
 	}
-	r.mu.Lock()
-	out, cancelled := r.out, r.cancelRequested
-	r.mu.Unlock()
-	if out != nil {
-		out.abort()
-	}
-	r.cancel()
 	if !cancelled {
 		r.m.cfg.Logf("migration to %s failed: %v", r.addr, err)
 		r.mu.Lock()
@@ -244,7 +246,6 @@ func (r *sourceRun) finish(err error) {
 	if cancelled {
 		r.setState(StatusCancelled)
 	}
-	close(r.done)
 }
 
 // precopy is the migration thread: setup, iterations, completion. Any error fails it.

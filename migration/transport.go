@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -166,8 +167,7 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		}
 		return &fileOut{f: f}, nil
 	case "exec":
-		cmd := exec.Command(a.Args[0], a.Args[1:]...)
-		cmd.Stderr = os.Stderr
+		cmd := command(a.Args)
 		w, err := cmd.StdinPipe()
 		if err != nil {
 			return nil, err
@@ -220,9 +220,22 @@ func (e *execOut) finish() error {
 func (e *execOut) abort() {
 	e.once.Do(func() {
 		e.w.Close()
-		e.cmd.Process.Kill()
+		killGroup(e.cmd)
 		go e.cmd.Wait()
 	})
+}
+
+// command runs argv in a process group of its own, so that aborting kills what it started
+// too (sh -c forks its commands); its stderr is migvisor's.
+func command(argv []string) *exec.Cmd {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return cmd
+}
+
+func killGroup(cmd *exec.Cmd) {
+	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 }
 
 // inConn is the destination's end of one incoming stream.
@@ -265,8 +278,7 @@ func listen(a Address) (listener, error) {
 		}
 		return &onceListener{c: fileIn{f}}, nil
 	case "exec":
-		cmd := exec.Command(a.Args[0], a.Args[1:]...)
-		cmd.Stderr = os.Stderr
+		cmd := command(a.Args)
 		r, err := cmd.StdoutPipe()
 		if err != nil {
 			return nil, err
@@ -337,7 +349,7 @@ func (e *execIn) Read(b []byte) (int, error) { return e.r.Read(b) }
 func (e *execIn) replyTo() io.Writer         { return nil }
 func (e *execIn) Close() error {
 	e.r.Close()
-	e.cmd.Process.Kill()
+	killGroup(e.cmd)
 	return e.cmd.Wait()
 }
 
