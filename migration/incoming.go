@@ -214,6 +214,7 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 	d.dec = NewDecoder(c)
 	h, err := d.dec.ReadHeader()
 	if err != nil {
+		*returnPath = canReply // a source of another version may read why
 		return err
 	}
 	*returnPath = canReply && h.Flags&FlagReturnPath != 0

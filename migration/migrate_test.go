@@ -689,3 +689,20 @@ func TestStartIncomingDefer(t *testing.T) {
 	require.Nil(t, mig.IncomingDone())
 	requireQErr(t, mig.StartIncoming("bogus:x"), "Parameter 'uri' expects a valid migration protocol")
 }
+
+// A source speaking another stream version learns why on the return path.
+func TestVersionRefusalReachesTheSource(t *testing.T) {
+	dst := newDest(t, 16, 1)
+	path := sockPath(t)
+	require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("unix:" + path)}))
+	c, err := net.Dial("unix", path)
+	require.NoError(t, err)
+	defer c.Close()
+	e := NewEncoder(c)
+	require.NoError(t, e.WriteHeader(Header{Version: 2, Flags: FlagReturnPath, Config: MachineConfig{MemSize: 16 * PageSize, CPUs: 1, PageSize: PageSize}}))
+	require.NoError(t, e.Flush())
+	err = readReply(c)
+	var ref *RefusedError
+	require.ErrorAs(t, err, &ref)
+	require.Equal(t, "migration stream: stream version 2 is not supported (this migvisor reads version 1)", ref.Msg)
+}
