@@ -17,7 +17,12 @@ type dirtyRing interface {
 	// harvest passes every page collected since the last harvest to visit, oldest first, and
 	// returns how many it passed. An error means the ring is inconsistent: pages may be lost.
 	harvest(visit func(page uint64)) (int, error)
+	// handleFull is harvest at a ring-full exit, the vCPU outside KVM_RUN: it also moves on a
+	// ring the host left stuck (an error then), and fails with errRingStuck when it cannot.
+	handleFull(visit func(page uint64)) (int, error)
 }
+
+var errRingStuck = errors.New("the dirty ring is stuck full with nothing to collect")
 
 // backend is an accelerator: it makes the runners and rings and resets the rings.
 type backend interface {
@@ -30,62 +35,62 @@ type backend interface {
 	close() error
 }
 
-// Reaper pacing. On this project's hosts KVM does not stop a vCPU before its ring overflows:
-// a ring that fills up between two passes is overrun and stays out of step with the kernel
-// for good (kvm-host-notes.md). So passes come at least every reapBudget worth of entries at
-// a generous write rate (every logged store, not every page, takes an entry there), never
-// more than reapMaxInterval apart, and more often when the fullest ring got more than
-// 1/reapTargetDiv of its size in one pass.
+// Collection pacing. Rings are collected by their own vCPU threads between runs: the reaper
+// kicks every vCPU in guest mode each interval, and the vCPU harvests its ring, resets and
+// runs again. On nested PVM a ring harvested from another thread while its vCPU is inside
+// KVM_RUN loses entries within seconds (vmm/kvm's doc), and KVM overruns a ring that fills
+// between two collections (kvm-host-notes.md). So collections come at least every
+// size/collectBudgetDiv entries at a generous write rate (on those hosts every logged store
+// is an entry), never more than collectMaxInterval apart, and more often when a ring got
+// more than 1/collectTargetDiv of its size in one collection.
 const (
-	reapMinInterval = 50 * time.Microsecond
-	reapMaxInterval = 1 * time.Millisecond
-	reapTargetDiv   = 16
-	reapBudgetDiv   = 8         // at most size/8 entries between two passes ...
-	reapWorstRate   = 1_000_000 // ... at this many entries per second
-	reapPriority    = 1         // SCHED_FIFO priority of the reaper's thread
-	reapQuietGrowth = 4         // interval grows by 1/reapQuietGrowth per quiet pass
+	collectMinInterval = 100 * time.Microsecond
+	collectMaxInterval = 1 * time.Millisecond
+	collectTargetDiv   = 16
+	collectBudgetDiv   = 8         // at most size/8 entries between two collections ...
+	collectWorstRate   = 2_000_000 // ... at this many entries per second
+	collectQuietGrowth = 4         // interval grows by 1/collectQuietGrowth per quiet collection
+	reapPriority       = 1         // SCHED_FIFO priority of the reaper's threads
+	reapMaxThreads     = 4
 )
 
-func reapIntervalCap(ringSize int) time.Duration {
-	d := time.Duration(ringSize/reapBudgetDiv) * time.Second / reapWorstRate
-	return min(reapMaxInterval, max(reapMinInterval, d))
+func collectIntervalCap(ringSize int) time.Duration {
+	d := time.Duration(ringSize/collectBudgetDiv) * time.Second / collectWorstRate
+	return min(collectMaxInterval, max(collectMinInterval, d))
 }
 
-// reaper is the single producer of dirty pages: it harvests the rings (or the bitmap) and
-// hands each page to the per-vCPU counters and every open DirtyLog.
+// reaper is the single producer of dirty pages: it has the rings (or the bitmap) harvested
+// and hands each page to the per-vCPU counters and every open DirtyLog.
 //
-// With a ring it runs one thread per host CPU (up to reapMaxThreads), each pinned to its CPU
-// at a real-time priority, taking turns: a vCPU filling its ring is then always on a CPU
-// whose reaper preempts it, and when the project's hosts stall one CPU for milliseconds
-// (they do, even for real-time threads) the reaper of another CPU carries on.
+// With a ring it runs one pacing thread per host CPU (up to reapMaxThreads), each pinned to
+// its CPU at a real-time priority and sharing one schedule: when the project's hosts stall one
+// CPU for milliseconds (they do, even for real-time threads) another carries on kicking.
 type reaper struct {
-	m     *Machine
-	wakes []chan struct{} // one per thread
+	m         *Machine
+	wakes     []chan struct{} // one per thread
+	lastRound atomic.Int64    // when the last round of kicks went out (UnixNano)
+	interval  atomic.Int64    // between rounds (ns)
+	maxIntvl  time.Duration
 
-	mu        sync.Mutex // one pass at a time; guards the fields below
+	mu        sync.Mutex // one harvest at a time; guards the fields below
 	logs      []*DirtyLog
 	sinceFull []int // entries each ring received since that vCPU's last ring-full event
-	interval  time.Duration
-	maxIntvl  time.Duration
 	visitFn   func(page uint64)
-	bad       bool // the current pass met an impossible page
-
-	closed bool // the machine is closed: no more passes
+	bad       bool // the current harvest met an impossible page
+	closed    bool // the machine is closed: no more harvests
 
 	failSafes atomic.Uint64
 	passes    atomic.Uint64
 }
 
-const reapMaxThreads = 4
-
 func newReaper(m *Machine) *reaper {
-	r := &reaper{m: m, sinceFull: make([]int, len(m.cpus)),
-		interval: reapMinInterval, maxIntvl: reapIntervalCap(m.cfg.DirtyRingSize)}
+	r := &reaper{m: m, sinceFull: make([]int, len(m.cpus)), maxIntvl: collectIntervalCap(m.cfg.DirtyRingSize)}
+	r.interval.Store(int64(r.maxIntvl))
 	r.visitFn = r.deliver
 	return r
 }
 
-// start starts the reaper threads (none without a ring: the bitmap is synced on demand).
+// start starts the pacing threads (none without a ring: the bitmap is synced on demand).
 func (r *reaper) start() {
 	if r.m.cfg.DirtyRingSize == 0 {
 		return
@@ -123,9 +128,10 @@ func (r *reaper) wakeUp() {
 	}
 }
 
-// loop runs passes while any vCPU may run, on its own OS thread pinned to hostCPU (-1: not
-// pinned), and sleeps with nanosleep: Go timers round sub-millisecond sleeps up to about a
-// millisecond. The first thread reports what it could not set up.
+// loop sends the rounds of collection kicks while any vCPU may run, from its own OS thread
+// pinned to hostCPU (-1: not pinned). It sleeps with nanosleep: Go timers round
+// sub-millisecond sleeps up to about a millisecond. The first thread reports what it could
+// not set up.
 func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 	defer r.m.wg.Done()
 	runtime.LockOSThread()
@@ -142,7 +148,7 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 	}
 	for {
 		if !r.m.running() {
-			r.harvest() // pages dirtied just before the stop
+			r.harvest() // what the vCPUs dirtied before they stopped (they are all out now)
 			select {
 			case <-wake:
 				continue
@@ -150,13 +156,17 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 				return
 			}
 		}
-		interval := r.maxIntvl
-		if r.mu.TryLock() { // else another thread is at it
-			r.adapt(r.passLocked())
-			interval = r.interval
-			r.mu.Unlock()
+		iv := r.interval.Load()
+		now := time.Now().UnixNano()
+		if last := r.lastRound.Load(); now-last >= iv*9/10 && r.lastRound.CompareAndSwap(last, now) {
+			for _, c := range r.m.cpus {
+				if c.inGuest.Load() {
+					c.collect.Store(true)
+					c.r.kick()
+				}
+			}
 		}
-		ts := unix.NsecToTimespec(int64(interval))
+		ts := unix.NsecToTimespec(iv)
 		for unix.Nanosleep(&ts, &ts) == unix.EINTR {
 		}
 		select {
@@ -167,46 +177,123 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 	}
 }
 
-// adapt halves the interval when the fullest ring got more than its target in one pass and
-// lets it grow slowly, up to its cap, when the rings are quiet.
-func (r *reaper) adapt(fill int) {
-	target := r.m.cfg.DirtyRingSize / reapTargetDiv
+// adaptLocked halves the interval when a ring got more than its target in one collection
+// and lets it grow slowly, up to its cap, when the rings are quiet.
+func (r *reaper) adaptLocked(fill int) {
+	target := r.m.cfg.DirtyRingSize / collectTargetDiv
+	iv := time.Duration(r.interval.Load())
 	switch {
 	case fill > target:
-		r.interval = max(reapMinInterval, r.interval/2)
+		iv = max(collectMinInterval, iv/2)
 	case fill < target/4:
-		r.interval = min(r.maxIntvl, r.interval+r.interval/reapQuietGrowth)
+		iv = min(r.maxIntvl, iv+iv/collectQuietGrowth)
 	}
+	r.interval.Store(int64(iv))
 }
 
-// harvest is one pass; it returns the most entries taken from a single ring.
-func (r *reaper) harvest() int {
+// collect is a vCPU thread collecting its own ring between runs (it was kicked for it).
+func (r *reaper) collect(c *vcpu) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.passLocked()
+	if r.closed {
+		return
+	}
+	r.passes.Add(1)
+	n := r.harvestLocked(c, false)
+	r.resetLocked(n)
+	r.adaptLocked(n)
 }
 
-// ringFull serves a vCPU whose ring filled up (a real KVM_EXIT_DIRTY_RING_FULL or the soft
-// ring's): one pass, and the vCPU's ring-full count starts again. It returns the entries
-// taken from that vCPU's ring.
-func (r *reaper) ringFull(cpu int) uint64 {
+// ringFull serves c's ring-full exit on c's thread: harvest (moving on a ring the host left
+// stuck), reset, and c's ring-full count starts again. A ring that cannot be moved on is
+// returned as an error: the vCPU cannot run with it.
+func (r *reaper) ringFull(c *vcpu) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	before := r.m.cpus[cpu].dirty.Load()
+	if r.closed {
+		return nil
+	}
+	r.bad = false
+	n, err := c.ring.handleFull(r.visitFn)
+	if err != nil || r.bad {
+		r.failSafeLocked(c.id, err)
+	}
+	if errors.Is(err, errRingStuck) {
+		return err
+	}
+	r.countLocked(c, n, false)
+	r.sinceFull[c.id] = 0
+	r.resetLocked(1) // the kernel frees the ring's entries only at a reset
+	return nil
+}
+
+// harvest is one pass over every ring from the calling goroutine, for when no vCPU runs.
+func (r *reaper) harvest() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.passLocked()
-	r.sinceFull[cpu] = 0
-	return r.m.cpus[cpu].dirty.Load() - before
 }
 
-// passLocked harvests every ring, hands the pages on and resets the rings: every page a pass
-// delivered is re-armed when it returns, so a consumer may then read the pages' contents
-// (DirtyLog.Sync, Harvest). Resetting at every pass, rather than every so many entries, keeps
-// the most room in the rings: on the project's hosts nothing else stops KVM from overrunning
-// one.
-func (r *reaper) passLocked() int {
+// syncWait bounds how long a synchronous harvest waits for a kicked vCPU to collect its own
+// ring before it harvests that ring itself.
+const syncWait = 20 * time.Millisecond
+
+// syncRings is a synchronous pass while vCPUs may run: each vCPU in guest mode is kicked to
+// collect its own ring (so rings are not harvested under running vCPUs, see the pacing
+// comment), and the other rings, or the bitmap, are harvested here.
+func (r *reaper) syncRings() {
+	m := r.m
+	if m.cfg.DirtyRingSize == 0 {
+		r.harvest()
+		return
+	}
+	done := make(chan int, len(m.cpus)) // buffered: a late answer never blocks its vCPU
+	asked := make([]bool, len(m.cpus))
+	pending := 0
+	for _, c := range m.cpus {
+		if c.inGuest.Load() {
+			c.syncDone.Store(&done)
+			c.collect.Store(true)
+			c.r.kick()
+			asked[c.id] = true
+			pending++
+		}
+	}
+	timeout := time.NewTimer(syncWait)
+	defer timeout.Stop()
+	for pending > 0 {
+		select {
+		case id := <-done:
+			asked[id] = false
+			pending--
+		case <-timeout.C:
+			pending = 0
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return
+	}
+	r.passes.Add(1)
+	total := 0
+	for _, c := range m.cpus {
+		if !c.inGuest.Load() || asked[c.id] {
+			total += r.harvestLocked(c, true)
+		}
+	}
+	r.resetLocked(total)
+}
+
+// passLocked harvests every ring (or syncs the bitmap), hands the pages on and resets the
+// rings: every page a pass delivered is re-armed when it returns, so a consumer may then read
+// the pages' contents (DirtyLog.Sync, Harvest). Rings of running vCPUs are harvested from
+// this thread too, which nested PVM occasionally punishes (handleFull then recovers, failing
+// safe); consumers sync rarely compared with the collections.
+func (r *reaper) passLocked() {
 	m := r.m
 	if r.closed {
-		return 0
+		return
 	}
 	r.passes.Add(1)
 	if m.cfg.DirtyRingSize == 0 {
@@ -214,38 +301,55 @@ func (r *reaper) passLocked() int {
 		if err := m.be.syncBitmap(r.visitFn); err != nil || r.bad {
 			r.failSafeLocked(-1, err)
 		}
-		return 0
+		return
 	}
-	total, fullest := 0, 0
+	total := 0
 	for _, c := range m.cpus {
-		r.bad = false
-		n, err := c.ring.harvest(r.visitFn)
-		if err == nil && n >= m.cfg.DirtyRingSize {
-			// KVM should have stopped the vCPU before its ring was full; where it did not
-			// (kvm-host-notes.md), it may have written over entries not yet harvested.
-			err = errRingOverrun
-		}
-		if err != nil || r.bad {
-			r.failSafeLocked(c.id, err)
-		}
-		if n == 0 {
-			continue
-		}
-		total += n
-		fullest = max(fullest, n)
-		c.dirty.Add(uint64(n))
-		r.sinceFull[c.id] += n
-		if r.sinceFull[c.id] >= m.cfg.DirtyRingSize {
-			r.sinceFull[c.id] = 0
-			m.Kick(c.id)
+		total += r.harvestLocked(c, true)
+	}
+	r.resetLocked(total)
+}
+
+// harvestLocked takes c's ring's new entries and accounts for them; a ring-full event kicks
+// the vCPU for its hook (kick) or, on the vCPU's own thread, marks it due.
+func (r *reaper) harvestLocked(c *vcpu, kick bool) int {
+	r.bad = false
+	n, err := c.ring.harvest(r.visitFn)
+	if err == nil && n >= r.m.cfg.DirtyRingSize {
+		// KVM should have stopped the vCPU before its ring was full; where it did not
+		// (kvm-host-notes.md), it may have written over entries not yet harvested.
+		err = errRingOverrun
+	}
+	if err != nil || r.bad {
+		r.failSafeLocked(c.id, err)
+	}
+	r.countLocked(c, n, kick)
+	return n
+}
+
+func (r *reaper) countLocked(c *vcpu, n int, kick bool) {
+	if n == 0 {
+		return
+	}
+	c.dirty.Add(uint64(n))
+	r.sinceFull[c.id] += n
+	if r.sinceFull[c.id] >= r.m.cfg.DirtyRingSize {
+		r.sinceFull[c.id] = 0
+		if kick {
+			r.m.Kick(c.id)
+		} else {
+			c.hookPending.Store(true)
 		}
 	}
-	if total > 0 {
-		if err := m.be.resetRings(); err != nil {
-			r.failSafeLocked(-1, err)
-		}
+}
+
+func (r *reaper) resetLocked(harvested int) {
+	if harvested == 0 {
+		return
 	}
-	return fullest
+	if err := r.m.be.resetRings(); err != nil {
+		r.failSafeLocked(-1, err)
+	}
 }
 
 // deliver hands one harvested page to every open DirtyLog.
@@ -285,8 +389,8 @@ func (r *reaper) failSafeLocked(cpu int, err error) {
 var errRingOverrun = errors.New("every entry of the ring was dirty: KVM may have overwritten some")
 
 // Harvest runs one synchronous pass over every ring (or the dirty bitmap), serialised with the
-// reaper.
-func (m *Machine) Harvest() { m.rp.harvest() }
+// collections.
+func (m *Machine) Harvest() { m.rp.syncRings() }
 
 // DirtyFailSafes counts the times dirty tracking was found inconsistent and every page was
 // marked dirty instead.
@@ -302,9 +406,9 @@ type DirtyLog struct {
 // NewDirtyLog opens a view that collects the pages dirtied from now on.
 func (m *Machine) NewDirtyLog() *DirtyLog {
 	r := m.rp
+	r.syncRings() // what was dirtied before belongs to the views already open
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.passLocked() // what was dirtied before belongs to the views already open
 	d := &DirtyLog{r: r, bits: make([]uint64, (m.pages+63)/64)}
 	r.logs = append(r.logs, d)
 	return d
@@ -314,12 +418,12 @@ func (m *Machine) NewDirtyLog() *DirtyLog {
 // in bit 0 of dst[0]), clears the view and returns how many bits of dst it newly set.
 func (d *DirtyLog) Sync(dst []uint64) int {
 	r := d.r
+	r.syncRings()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if d.bits == nil {
 		return 0
 	}
-	r.passLocked()
 	n := 0
 	for i, w := range d.bits[:min(len(d.bits), len(dst))] {
 		if w == 0 {

@@ -115,6 +115,14 @@ func (k kvmRing) harvest(visit func(page uint64)) (int, error) {
 	return k.r.Harvest(func(_ uint32, off uint64) { visit(off) })
 }
 
+func (k kvmRing) handleFull(visit func(page uint64)) (int, error) {
+	n, err := k.r.HandleFull(func(_ uint32, off uint64) { visit(off) })
+	if errors.Is(err, kvm.ErrRingStuck) {
+		err = fmt.Errorf("%w: %w", errRingStuck, err)
+	}
+	return n, err
+}
+
 // kvmCPU is one KVM vCPU.
 type kvmCPU struct {
 	b   *kvmBackend

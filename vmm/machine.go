@@ -6,7 +6,6 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -88,15 +87,14 @@ type vcpu struct {
 	ring dirtyRing // nil without a ring
 	tid  atomic.Int64
 
-	dirty       atomic.Uint64 // pages harvested from the ring, cumulative
-	hookPending atomic.Bool   // run the ring-full hook before the next KVM_RUN
-	wake        chan struct{} // wakes a halted vCPU
-	parked      bool          // under Machine.mu
-	// Ring-full exits, seen by the vCPU thread only.
-	fullDirty  uint64 // dirty at the last ring-full exit
-	emptyFulls int    // consecutive ring-full exits with nothing harvested in between
-	outOfStep  bool   // the ring is out of step with KVM
-	failed     bool   // under Machine.mu: the vCPU hit an error and never runs again
+	dirty       atomic.Uint64            // pages harvested from the ring, cumulative
+	hookPending atomic.Bool              // run the ring-full hook before the next KVM_RUN
+	wake        chan struct{}            // wakes a halted vCPU
+	parked      bool                     // under Machine.mu
+	inGuest     atomic.Bool              // in (or about to enter) KVM_RUN: the reaper kicks it to collect
+	collect     atomic.Bool              // collect the ring before running again
+	syncDone    atomic.Pointer[chan int] // a synchronous harvest waiting for that collection
+	failed      bool                     // under Machine.mu: the vCPU hit an error and never runs again
 }
 
 // New builds a machine and starts its vCPU threads; they run guest code only in the running
@@ -283,7 +281,15 @@ func (m *Machine) vcpuThread(c *vcpu, ready chan<- struct{}) {
 	}
 	for m.waitRunnable(c) {
 		m.runHook(c)
+		c.inGuest.Store(true)
 		ex, err := c.r.run()
+		c.inGuest.Store(false)
+		if c.collect.Swap(false) {
+			m.rp.collect(c)
+			if done := c.syncDone.Swap(nil); done != nil {
+				*done <- c.id
+			}
+		}
 		if err != nil {
 			m.vcpuFailed(c, err)
 			continue
@@ -303,36 +309,14 @@ func (m *Machine) vcpuThread(c *vcpu, ready chan<- struct{}) {
 }
 
 // ringFullExit serves a KVM_EXIT_DIRTY_RING_FULL (or the soft ring's): harvest, then the
-// hook. Two such exits in a row with nothing harvested in between mean KVM overran the ring
-// and now fills entries the reaper never reaches (kvm-host-notes.md): from then until the
-// ring is back in step, pages are lost, so every view gets all of memory when that starts and
-// again when it ends, and the vCPU waits a millisecond per exit instead of spinning.
+// hook. A ring the host left stuck for good stops its vCPU (after failing safe).
 func (m *Machine) ringFullExit(c *vcpu) {
-	m.rp.ringFull(c.id)
+	if err := m.rp.ringFull(c); err != nil {
+		m.vcpuFailed(c, err)
+		return
+	}
 	c.hookPending.Store(true)
-	got := c.dirty.Load()
-	empty := got == c.fullDirty
-	c.fullDirty = got
-	if !empty {
-		c.emptyFulls = 0
-		if c.outOfStep {
-			c.outOfStep = false
-			m.rp.failSafe(c.id, errors.New("the ring is back in step; pages dirtied meanwhile were lost"))
-		}
-		return
-	}
-	if c.emptyFulls++; c.emptyFulls < 2 {
-		return
-	}
-	if !c.outOfStep {
-		c.outOfStep = true
-		m.rp.failSafe(c.id, errRingOutOfStep)
-	}
-	ts := unix.NsecToTimespec(int64(time.Millisecond))
-	unix.Nanosleep(&ts, nil)
 }
-
-var errRingOutOfStep = errors.New("ring-full exits with nothing to harvest: the ring is out of step with KVM")
 
 func (m *Machine) runHook(c *vcpu) {
 	if !c.hookPending.Swap(false) {
