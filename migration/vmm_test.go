@@ -4,25 +4,39 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migvisor/migvisor/dirtylimit"
 	"github.com/migvisor/migvisor/vmm"
 	"github.com/migvisor/migvisor/vmm/kvm"
 	"github.com/stretchr/testify/require"
 )
 
-// vmmMachine is the test's copy of cmd/migvisor's adapter (without the dirty limit's hook).
-type vmmMachine struct{ m *vmm.Machine }
+// vmmMachine is the test's copy of cmd/migvisor's adapter: auto-converge's hook runs after
+// the dirty limit's when there is one.
+type vmmMachine struct {
+	m   *vmm.Machine
+	lim *dirtylimit.Limiter
+}
 
-func (a vmmMachine) Memory() []byte                  { return a.m.Memory() }
-func (a vmmMachine) NumCPUs() int                    { return a.m.NumCPUs() }
-func (a vmmMachine) RunState() string                { return string(a.m.RunState()) }
-func (a vmmMachine) Pause(to string) error           { return a.m.Pause(vmm.RunState(to)) }
-func (a vmmMachine) SetRunState(to string)           { a.m.SetRunState(vmm.RunState(to)) }
-func (a vmmMachine) Resume() error                   { return a.m.Resume() }
-func (a vmmMachine) SaveCPU() ([]byte, error)        { return a.m.SaveCPU() }
-func (a vmmMachine) LoadCPU(b []byte) error          { return a.m.LoadCPU(b) }
-func (a vmmMachine) Kick(cpu int)                    { a.m.Kick(cpu) }
-func (a vmmMachine) NewDirtyLog() DirtyLog           { return a.m.NewDirtyLog() }
-func (a vmmMachine) SetRingFullHook(h func(cpu int)) { a.m.SetRingFullHook(h) }
+func (a vmmMachine) Memory() []byte           { return a.m.Memory() }
+func (a vmmMachine) NumCPUs() int             { return a.m.NumCPUs() }
+func (a vmmMachine) RunState() string         { return string(a.m.RunState()) }
+func (a vmmMachine) Pause(to string) error    { return a.m.Pause(vmm.RunState(to)) }
+func (a vmmMachine) SetRunState(to string)    { a.m.SetRunState(vmm.RunState(to)) }
+func (a vmmMachine) Resume() error            { return a.m.Resume() }
+func (a vmmMachine) SaveCPU() ([]byte, error) { return a.m.SaveCPU() }
+func (a vmmMachine) LoadCPU(b []byte) error   { return a.m.LoadCPU(b) }
+func (a vmmMachine) Kick(cpu int)             { a.m.Kick(cpu) }
+func (a vmmMachine) NewDirtyLog() DirtyLog    { return a.m.NewDirtyLog() }
+func (a vmmMachine) SetRingFullHook(h func(cpu int)) {
+	switch {
+	case a.lim == nil:
+		a.m.SetRingFullHook(h)
+	case h == nil:
+		a.m.SetRingFullHook(a.lim.RingFull)
+	default:
+		a.m.SetRingFullHook(func(cpu int) { a.lim.RingFull(cpu); h(cpu) })
+	}
+}
 
 func newVMM(t *testing.T, accel string, initial vmm.RunState) *vmm.Machine {
 	m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 2, Accel: accel, DirtyRingSize: 1024,
@@ -55,11 +69,16 @@ func TestMigrateMachine(t *testing.T) {
 			// the vCPU threads through the machine's hook, lets it converge.
 			{"auto-converge", caps("auto-converge", true),
 				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "cpu-throttle-initial": 99}`},
+			// The same with the dirty limit: every vCPU held to 1 MB/s.
+			{"dirty-limit", caps("dirty-limit", true),
+				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 250}`},
 		} {
 			t.Run(accel+"/"+cfg.name, func(t *testing.T) {
 				sm, dm := newVMM(t, accel, vmm.Running), newVMM(t, accel, vmm.InMigrate)
-				src := New(Config{Machine: vmmMachine{sm}, Logf: t.Logf})
-				dst := New(Config{Machine: vmmMachine{dm}, Incoming: true, Autostart: func() bool { return false }, Logf: t.Logf})
+				lim := dirtylimit.NewLimiter(sm, dirtylimit.Options{})
+				t.Cleanup(func() { lim.Close() })
+				src := New(Config{Machine: vmmMachine{sm, lim}, Limiter: lim, DirtyRing: true, Logf: t.Logf})
+				dst := New(Config{Machine: vmmMachine{dm, nil}, Incoming: true, Autostart: func() bool { return false }, Logf: t.Logf})
 				require.NoError(t, src.SetCapabilities(cfg.caps))
 				require.NoError(t, src.SetParameters(setParams(t, cfg.params)))
 				time.Sleep(50 * time.Millisecond) // let the workloads dirty their regions
@@ -72,6 +91,7 @@ func TestMigrateMachine(t *testing.T) {
 				require.Equal(t, StatusCompleted, q.Status, q.ErrorDesc)
 				t.Logf("%s: total %d ms, downtime %d ms, %d syncs, %d normal pages, %.0f Mbit/s",
 					cfg.name, *q.TotalTime, *q.Downtime, q.RAM.DirtySyncCount, q.RAM.Normal, q.RAM.Mbps)
+				require.Empty(t, lim.Query(), "the limits the migration set are lifted")
 				require.Equal(t, vmm.PostMigrate, sm.RunState())
 				require.Equal(t, vmm.Paused, dm.RunState())
 				require.True(t, string(sm.Memory()) == string(dm.Memory()), "memories differ")
