@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/migvisor/migvisor/dirtylimit"
+	"github.com/migvisor/migvisor/migration"
 	"github.com/migvisor/migvisor/qmp"
 	"github.com/migvisor/migvisor/schema"
 	"github.com/migvisor/migvisor/vmm"
@@ -27,7 +28,9 @@ type daemon struct {
 	machine *vmm.Machine
 	limiter *dirtylimit.Limiter
 	meter   *dirtylimit.Meter
+	mig     *migration.Migration
 	log     io.Writer
+	failed  error // why the daemon stops with an error (an incoming migration that failed)
 
 	listeners []net.Listener
 	unixPaths []string
@@ -66,8 +69,14 @@ func newDaemon(cfg *config, log io.Writer) (*daemon, error) {
 	d.meter = dirtylimit.NewMeter(d.machine, dirtylimit.Options{
 		NewDirtyLog: func() dirtylimit.DirtyLog { return d.machine.NewDirtyLog() },
 	})
+	d.mig, err = newMigration(d, d.incomingFailed)
+	if err != nil {
+		d.closeMachine()
+		return nil, err
+	}
 	registerMachine(d.srv, d.machine, d)
 	registerDirtyLimit(d.srv, d.limiter, d.meter)
+	registerMigration(d.srv, d.mig)
 	if missing := d.srv.Missing(); len(missing) > 0 {
 		d.closeMachine()
 		return nil, fmt.Errorf("internal error: QMP commands without handler or schema: %v", missing)
@@ -170,12 +179,25 @@ func (f *firstAccept) Accept() (net.Conn, error) {
 	return c, err
 }
 
+// incomingFailed ends the daemon after an incoming migration failed with exit-on-error on, as
+// QEMU exits: the guest was never run.
+func (d *daemon) incomingFailed(err error) {
+	fmt.Fprintf(d.log, "migvisor: incoming migration failed: %v\n", err)
+	d.failed = err
+	d.shutdown()
+}
+
 // shutdown asks the daemon to stop; the SHUTDOWN event has been emitted by the caller.
 func (d *daemon) shutdown() { d.quitOnce.Do(func() { close(d.quit) }) }
 
 // run starts the machine (unless it waits for -S or an incoming migration) and blocks until quit.
 func (d *daemon) run(ctx context.Context) {
 	d.serve()
+	if d.cfg.incoming != "" {
+		if err := d.mig.StartIncoming(d.cfg.incoming); err != nil {
+			d.incomingFailed(err)
+		}
+	}
 	if !d.cfg.startPaused && d.cfg.incoming == "" {
 		if err := d.machine.Cont(); err != nil {
 			fmt.Fprintf(d.log, "migvisor: cannot start the vCPUs: %v\n", err)
@@ -198,6 +220,9 @@ func (d *daemon) close() {
 
 // closeMachine stops what runs on the machine before the machine itself.
 func (d *daemon) closeMachine() {
+	if d.mig != nil {
+		d.mig.Close()
+	}
 	d.meter.Close()
 	d.limiter.Close()
 	d.machine.Close()

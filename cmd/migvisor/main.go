@@ -38,5 +38,8 @@ func run(args []string) int {
 	defer stop()
 	d.run(ctx)
 	d.close()
+	if d.failed != nil {
+		return 1
+	}
 	return 0
 }

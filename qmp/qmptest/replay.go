@@ -72,6 +72,13 @@ type Options struct {
 	// Rewrite, if set, is applied to every message of the transcript, sent or expected
 	// (socket paths, ...).
 	Rewrite func(data string) string
+	// Poll names commands whose answer depends on when they are asked (a query sent "after
+	// 1.5 s" in the recording, a migration's status): when a reply to one of them (with an id)
+	// differs, the request is sent again every PollInterval until the reply matches or Timeout
+	// passes, and only the last difference is reported.
+	Poll func(cmd string) bool
+	// PollInterval is the pause between two polls; 0 means 50 ms.
+	PollInterval time.Duration
 }
 
 // Replay plays the transcript at path over conn, a fresh connection to a QMP server: it writes
@@ -110,7 +117,8 @@ func NewPlayer(t testing.TB, conn net.Conn, path string, opts Options) *Player {
 	if opts.Timeout == 0 {
 		opts.Timeout = DefaultTimeout
 	}
-	r := &replayer{t: t, conn: conn, rd: bufio.NewReaderSize(conn, 64<<10), opts: opts, cmds: map[string]string{}}
+	r := &replayer{t: t, conn: conn, rd: bufio.NewReaderSize(conn, 64<<10), opts: opts,
+		cmds: map[string]string{}, reqs: map[string]string{}}
 	return &Player{r: r, path: path, lines: lines}
 }
 
@@ -181,6 +189,7 @@ type replayer struct {
 	replies []received // arrived before the transcript expected them
 	events  []received
 	cmds    map[string]string // request id -> command
+	reqs    map[string]string // request id -> the request as sent, for Options.Poll
 	lastCmd string
 	pending []byte // a "send" split over several writes
 }
@@ -190,6 +199,7 @@ func (r *replayer) noteSent(data string) {
 	r.pending = append(r.pending, data...)
 	dec := json.NewDecoder(bytes.NewReader(r.pending))
 	for {
+		start := dec.InputOffset()
 		var req struct {
 			Execute string          `json:"execute"`
 			ExecOOB string          `json:"exec-oob"`
@@ -208,6 +218,7 @@ func (r *replayer) noteSent(data string) {
 		r.lastCmd = cmd
 		if req.ID != nil {
 			r.cmds[idKey(req.ID)] = cmd
+			r.reqs[idKey(req.ID)] = string(r.pending[start:dec.InputOffset()])
 		}
 	}
 }
@@ -261,8 +272,37 @@ func (r *replayer) expect(where, data string) bool {
 		}
 		return true
 	}
+	if hasID && r.opts.Poll != nil && r.opts.Poll(msg) {
+		return r.poll(where, msg, idKey(wantID), want, got, match)
+	}
 	r.compare(where, msg, want, got)
 	return true
+}
+
+// poll asks request id again until its reply matches want or the timeout passes.
+func (r *replayer) poll(where, msg, id string, want map[string]any, got received, match func(received) bool) bool {
+	interval := r.opts.PollInterval
+	if interval == 0 {
+		interval = 50 * time.Millisecond
+	}
+	deadline := time.Now().Add(r.opts.Timeout)
+	for {
+		c := comparer{opts: r.opts, msg: msg, root: want}
+		c.diff("", "", want, got.v)
+		if len(c.diffs) == 0 || time.Now().After(deadline) {
+			r.compare(where, msg, want, got)
+			return true
+		}
+		time.Sleep(interval)
+		if _, err := io.WriteString(r.conn, r.reqs[id]+"\n"); err != nil {
+			r.t.Errorf("%s: write: %v", where, err)
+			return false
+		}
+		var ok bool
+		if got, ok = r.await(where, match, &r.replies); !ok {
+			return false
+		}
+	}
 }
 
 // await returns the first message satisfying match, from pool or else from the connection;

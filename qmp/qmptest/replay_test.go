@@ -140,6 +140,19 @@ func TestReplay(t *testing.T) {
 			errs:   []string{"t.jsonl:3: no matching message"},
 		},
 		{
+			name:   "polled query matches on a later answer",
+			lines:  []string{greeting, `>{"execute": "query-x", "id": 1}`, `{"return": {"status": "done"}, "id": 1}`},
+			server: [][]string{{greeting}, {`{"return": {"status": "busy"}, "id": 1}`}, {`{"return": {"status": "done"}, "id": 1}`}},
+			opts:   Options{Poll: func(cmd string) bool { return cmd == "query-x" }, PollInterval: time.Millisecond},
+		},
+		{
+			name:   "polled query reports the last answer when time runs out",
+			lines:  []string{greeting, `>{"execute": "query-x", "id": 1}`, `{"return": {"status": "done"}, "id": 1}`},
+			server: [][]string{{greeting}, {`{"return": {"status": "busy"}, "id": 1}`}, {`{"return": {"status": "stuck"}, "id": 1}`}},
+			opts:   Options{Poll: func(cmd string) bool { return cmd == "query-x" }, PollInterval: 30 * time.Millisecond, Timeout: 20 * time.Millisecond},
+			errs:   []string{`return.status: want "done", got "stuck"`},
+		},
+		{
 			name:   "rewritten paths",
 			lines:  []string{greeting, `>{"execute": "a", "arguments": {"uri": "unix:/run/qmp-test/x"}, "id": 1}`, `{"return": {"path": "/run/qmp-test/x"}, "id": 1}`},
 			server: [][]string{{greeting}, {`{"return": {"path": "/tmp/x"}, "id": 1}`}},

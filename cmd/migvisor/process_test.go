@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/migvisor/migvisor/qmp"
+)
+
+// migvisorBin builds the daemon once per test binary so tests can run it as a real process.
+var migvisorBin = func() func(t *testing.T) string {
+	var path string
+	var err error
+	var built bool
+	return func(t *testing.T) string {
+		t.Helper()
+		if !built {
+			built = true
+			dir, derr := os.MkdirTemp("", "migvisor-bin-")
+			if derr != nil {
+				err = derr
+			} else {
+				path = filepath.Join(dir, "migvisor")
+				out, berr := exec.Command("go", "build", "-o", path, ".").CombinedOutput()
+				if berr != nil {
+					err = berr
+					t.Logf("%s", out)
+				}
+			}
+		}
+		require.NoError(t, err)
+		return path
+	}
+}()
+
+// startProcess runs migvisor with args and waits until its QMP socket answers.
+func startProcess(t *testing.T, sock string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(migvisorBin(t), args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			return cmd, &stderr
+		}
+		require.True(t, time.Now().Before(deadline), "migvisor did not create %s; stderr: %s", sock, stderr.String())
+	}
+}
+
+func TestProcessSocketAndSignal(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "m.sock")
+	cmd, stderr := startProcess(t, sock, "-accel", "kvm:soft", "-S", "-qmp", "unix:"+sock+",server=on,wait=off")
+
+	fi, err := os.Stat(sock)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "the QMP socket must be private to its owner")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, "unix", sock)
+	require.NoError(t, err)
+	defer c.Close()
+	var status struct {
+		Status  string `json:"status"`
+		Running bool   `json:"running"`
+	}
+	require.NoError(t, c.Execute(ctx, "query-status", nil, &status))
+	require.Equal(t, "prelaunch", status.Status)
+
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case ev := <-c.Events():
+		require.Equal(t, "SHUTDOWN", ev.Name)
+		var data map[string]any
+		require.NoError(t, json.Unmarshal(ev.Data, &data))
+		require.Equal(t, map[string]any{"guest": false, "reason": "host-signal"}, data)
+	case <-ctx.Done():
+		t.Fatal("no SHUTDOWN event after SIGTERM")
+	}
+	require.NoError(t, cmd.Wait(), "stderr: %s", stderr.String())
+	_, err = os.Lstat(sock)
+	require.True(t, os.IsNotExist(err), "the socket file must be removed on exit")
+}
+
+func TestProcessQuit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "m.sock")
+	cmd, stderr := startProcess(t, sock, "-accel", "kvm:soft", "-qmp", "unix:"+sock+",server=on,wait=off")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, "unix", sock)
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.Execute(ctx, "quit", nil, nil), "the quit reply must reach the client before exit")
+	require.NoError(t, cmd.Wait(), "stderr: %s", stderr.String())
+}
+
+func TestProcessRefusesNonSocketPath(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "precious")
+	require.NoError(t, os.WriteFile(path, []byte("keep me"), 0o644))
+	out, err := exec.Command(migvisorBin(t), "-accel", "soft", "-qmp", "unix:"+path+",server=on,wait=off").CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(out), "not a socket")
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Equal(t, "keep me", string(b))
+}
+
+func TestProcessBadOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown", []string{"-frobnicate"}, "-frobnicate: invalid option"},
+		{"bad ring", []string{"-accel", "kvm,dirty-ring-size=1000"}, "dirty-ring-size must be a power of two."},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := exec.Command(migvisorBin(t), tc.args...).CombinedOutput()
+			var ee *exec.ExitError
+			require.ErrorAs(t, err, &ee)
+			require.NotEqual(t, 0, ee.ExitCode())
+			require.Contains(t, string(out), tc.want)
+		})
+	}
+}
