@@ -129,9 +129,6 @@ func (a *asm) movRR(dst, src reg) { a.emit(0x89); a.modrmReg(byte(src), dst) }
 // aluRR: op dst, src.
 func (a *asm) aluRR(op aluOp, dst, src reg) { a.emit(byte(op)*8 + 1); a.modrmReg(byte(src), dst) }
 
-// aluMR: op [m], r.
-func (a *asm) aluMR(op aluOp, m mem, r reg) { a.emit(byte(op)*8 + 1); a.modrmMem(byte(r), m) }
-
 // aluRM: op r, [m].
 func (a *asm) aluRM(op aluOp, r reg, m mem) { a.emit(byte(op)*8 + 3); a.modrmMem(byte(r), m) }
 
@@ -147,22 +144,6 @@ func (a *asm) aluRI(op aluOp, r reg, v int32) {
 	a.modrmReg(byte(op), r)
 	a.imm32(uint32(v))
 }
-
-// aluMI: op dword [m], imm (the sign-extended imm8 form when it fits).
-func (a *asm) aluMI(op aluOp, m mem, v int32) {
-	if v >= -128 && v <= 127 {
-		a.emit(0x83)
-		a.modrmMem(byte(op), m)
-		a.emit(byte(int8(v)))
-		return
-	}
-	a.emit(0x81)
-	a.modrmMem(byte(op), m)
-	a.imm32(uint32(v))
-}
-
-// incM: inc dword [m].
-func (a *asm) incM(m mem) { a.emit(0xff); a.modrmMem(0, m) }
 
 // incR: inc r32 (the one-byte 40+r form, valid in 32-bit mode).
 func (a *asm) incR(r reg) { a.emit(0x40 + byte(r)) }

@@ -8,7 +8,12 @@
 // Each program keeps a 64-byte record in guest memory (layout in record.go):
 // pages touched and passes completed, which the VMM reads while the guest runs
 // (ReadRecord), and ticks-per-page, which the VMM sets (SetTicksPerPage) to
-// pace the guest on its own TSC without any exit to the VMM.
+// pace the guest on its own TSC without any exit to the VMM. The guest counts
+// pages in a register and adds them to the record every RecordEvery pages
+// (16 MiB) and at the end of each pass: pages is exact as of the last update,
+// and exact at pass boundaries, but may lag the guest by up to RecordEvery-1
+// pages, so a rate read from it is coarse over a large region touched
+// slowly.
 //
 // Use:
 //
@@ -22,12 +27,15 @@
 // tscHz is the guest TSC frequency: kvm's VCPU.TSCKHz()*1000.
 //
 // The write workload dirties exactly its region's pages and its record's
-// page; the read workload only its record's page; idle writes its record once
-// and then exits to the VMM with HLT each time it is run.
+// page; the read workload only its record's page, a few stores a pass, so
+// a dirty limit leaves it alone; idle writes its record once and then exits
+// to the VMM with HLT each time it is run.
 //
-// On nested PVM the guest's 32-bit code is emulated (a few hundred ns an
+// On nested PVM the guest's 32-bit code is emulated (about 340 ns an
 // instruction) and every store is a dirty-ring entry, so a write page costs
-// BytesPerPage/4 + 1 entries (the +1 is the record's pages counter) and the
-// page loop is kept to about ten instructions: flat out, about 250,000 pages/s
-// with the ring collected as it goes (BenchmarkWorkload).
+// BytesPerPage/4 entries, and the record about one per RecordEvery pages plus
+// two a pass. The page loop is eight instructions besides the page's own
+// access (ten for the default write, nine for a read): flat out, about
+// 270,000 written and 330,000 read pages/s with the ring collected as it goes
+// (BenchmarkWorkload).
 package guest

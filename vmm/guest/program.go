@@ -40,7 +40,8 @@ const DefaultBytesPerPage = 8
 //	0x10000 + cpu*64      vCPU cpu's record (up to 64 vCPUs in the page)
 //	1 MiB and up          the workload regions, each page aligned
 //
-// The programs use no stack, so a vCPU's ESP is irrelevant.
+// The programs use no stack (they count pages in ESP, which they set), so a
+// vCPU's initial ESP is irrelevant.
 const (
 	CodeBase    = 0x1000
 	CodeStride  = 0x1000
@@ -85,15 +86,28 @@ func (p Params) validate() error {
 	return nil
 }
 
+// RecordEvery is how often, in pages, a read or write workload adds the pages
+// it has touched to its record (4096 pages, 16 MiB of guest memory); it also
+// does at the end of each pass, so pages and passes are exact at pass
+// boundaries and a region smaller than RecordEvery pages shows every pass.
+// In between, the count is kept in a register. A record store is a dirty
+// page, and on hosts that emulate the guest (PVM) a dirty-ring entry of its
+// own: updating the record once a page would make a reading vCPU dirty a page
+// per page it reads, and fill its ring.
+const RecordEvery = 4096
+
 // Program returns the 32-bit protected-mode (paging off) machine code of the
 // workload p. The code is position independent: load it anywhere and start
 // the vCPU at its first byte (kvm.SetupProtectedMode). Its record must be
-// initialised (InitRecord) before it starts.
+// initialised (InitRecord) before it starts; the program adds to the counters
+// it finds there.
 //
 // The code is lean on purpose: on hosts that emulate 32-bit guest code (PVM)
 // every instruction costs a few hundred nanoseconds and every store is a
-// dirty-ring entry, so the page loop runs about ten instructions and makes one
-// store to the record per page; pacing keeps its state in registers.
+// dirty-ring entry, so the page loop runs eight instructions besides the
+// page's own access, counts pages in a register and stores to the record
+// only every RecordEvery pages and at the end of a pass; pacing keeps its
+// state in registers.
 func Program(p Params) ([]byte, error) {
 	a, err := program(p)
 	if err != nil {
@@ -123,10 +137,13 @@ func program(p Params) (*asm, error) {
 	}
 
 	// Registers: edi = page cursor, ebp:esi = pacing deadline (a TSC value),
+	// esp = pages left before the next record update (no stack is used),
 	// eax = the value a write stores (passes+1, so each pass changes the
-	// contents); ebx, ecx, edx are scratch. No stack is used.
+	// contents); ebx, ecx, edx are scratch.
+	end := int32(uint32(p.RegionBase + p.RegionSize))
 	a.aluRR(opXor, esi, esi)
 	a.aluRR(opXor, ebp, ebp)
+	a.movRI(esp, RecordEvery)
 	a.label("pass")
 	a.movRI(edi, uint32(p.RegionBase))
 	if p.Mode == ModeWrite {
@@ -158,11 +175,8 @@ func program(p Params) (*asm, error) {
 	} else {
 		a.movRM(eax, mem{base: edi})
 	}
-	// pages++: the low dword alone, atomically, unless it is about to
-	// carry; then the whole quadword at once (out of line).
-	a.aluMI(opCmp, rec(offPages), -1)
-	a.jcc(condZ, "carry")
-	a.incM(rec(offPages))
+	a.decR(esp)
+	a.jcc(condZ, "publish")
 	a.label("counted")
 	// Pace only when ticks-per-page is not 0. A torn read here only
 	// decides whether to look closer.
@@ -171,18 +185,36 @@ func program(p Params) (*asm, error) {
 	a.jcc(condNZ, "pace")
 	a.label("paced")
 	a.aluRI(opAdd, edi, PageSize)
-	a.aluRI(opCmp, edi, int32(uint32(p.RegionBase+p.RegionSize)))
+	a.aluRI(opCmp, edi, end)
 	a.jcc(condB, "page")
+
+	// The end of a pass, or RecordEvery pages counted (from the loop, the
+	// cursor still on the page just counted): add the pages not yet in the
+	// record to its pages counter, the low dword alone (one 32-bit store)
+	// unless it carries; then the whole quadword at once (out of line).
+	a.label("publish")
+	a.movRI(ebx, RecordEvery)
+	a.aluRR(opSub, ebx, esp)
+	a.jcc(condZ, "published") // none: the pass ended right after an update
+	a.movRI(esp, RecordEvery)
+	a.movRM(ecx, rec(offPages))
+	a.aluRR(opAdd, ecx, ebx)
+	a.jcc(condB, "carry")
+	a.movMR(rec(offPages), ecx)
+	a.label("published")
+	a.aluRI(opCmp, edi, end)
+	a.jcc(condB, "counted")
 	inc64(a, rec(offPasses))
 	a.jmp("pass")
 
-	// Out of line: the pages counter's carry into its upper dword.
+	// Out of line: ebx pages make the pages counter carry into its upper
+	// dword.
 	a.label("carry")
-	inc64(a, rec(offPages))
+	add64(a, rec(offPages))
 	if p.Mode == ModeWrite {
 		stamp(a, rec)
 	}
-	a.jmp("counted")
+	a.jmp("published")
 
 	pace(a, rec)
 	if p.Mode == ModeWrite {
@@ -196,6 +228,21 @@ func program(p Params) (*asm, error) {
 func stamp(a *asm, rec func(uint32) mem) {
 	a.movRM(eax, rec(offPasses))
 	a.incR(eax)
+}
+
+// add64 adds ebx to the 64-bit counter m with one atomic 64-bit store (lock
+// cmpxchg8b), so a reader never sees half of a carry. The guest is the
+// counter's only writer, so the compare always succeeds. It clobbers eax,
+// ebx, ecx, edx.
+func add64(a *asm, m mem) {
+	hi := m
+	hi.disp += 4
+	a.movRM(eax, m)
+	a.movRM(edx, hi)
+	a.aluRR(opAdd, ebx, eax)
+	a.movRR(ecx, edx)
+	a.aluRI(opAdc, ecx, 0)
+	a.lockCmpxchg8b(m)
 }
 
 // inc64 adds one to the 64-bit counter m with one atomic 64-bit store

@@ -46,16 +46,17 @@ const (
 	mov dword ptr [0x10000], 0x5256474d
 	xor esi, esi
 	xor ebp, ebp
+	mov esp, 0x1000
 pass:
 	mov edi, 0x100000
 `
 	stampListing = `	mov eax, dword ptr [0x10010]
 	inc eax
 `
-	// After the page's own access: count it, pace, next page, next pass.
-	loop = `	cmp dword ptr [0x10008], 0xffffffff
-	jz carry
-	inc dword ptr [0x10008]
+	// After the page's own access: count it in esp, pace, next page; the
+	// record at the end of a pass and every 0x1000 (RecordEvery) pages.
+	loop = `	dec esp
+	jz publish
 counted:
 	mov ecx, dword ptr [0x10018]
 	or ecx, dword ptr [0x1001c]
@@ -64,6 +65,18 @@ paced:
 	add edi, 0x1000
 	cmp edi, 0x300000
 	jb page
+publish:
+	mov ebx, 0x1000
+	sub ebx, esp
+	jz published
+	mov esp, 0x1000
+	mov ecx, dword ptr [0x10008]
+	add ecx, ebx
+	jb carry
+	mov dword ptr [0x10008], ecx
+published:
+	cmp edi, 0x300000
+	jb counted
 	mov eax, dword ptr [0x10010]
 	mov edx, dword ptr [0x10014]
 	mov ebx, eax
@@ -75,12 +88,11 @@ paced:
 carry:
 	mov eax, dword ptr [0x10008]
 	mov edx, dword ptr [0x1000c]
-	mov ebx, eax
+	add ebx, eax
 	mov ecx, edx
-	add ebx, 0x1
 	adc ecx, 0x0
 	lock cmpxchg8b qword ptr [0x10008]
-STAMP	jmp counted
+STAMP	jmp published
 pace:
 	mov ecx, dword ptr [0x1001c]
 	mov ebx, dword ptr [0x10018]

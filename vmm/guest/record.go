@@ -13,7 +13,9 @@ import (
 //	off size writer field
 //	0   4    guest  magic: Magic once the program has started
 //	4   4    guest  mode: 1 write, 2 read, 3 idle
-//	8   8    guest  pages touched (written or read), cumulative
+//	8   8    guest  pages touched (written or read), cumulative, as of
+//	                the guest's last update (every RecordEvery pages and
+//	                at the end of each pass)
 //	16  8    guest  passes completed over the whole region, cumulative
 //	24  8    VMM    ticks per page: TSC ticks between two pages, 0 = flat out
 //	32  16   -      reserved, zero
@@ -23,7 +25,7 @@ import (
 //
 // Torn reads: the guest runs in 32-bit mode, where two 32-bit stores would let
 // a reader see half an update when a counter carries into its upper dword. So
-// the guest increments only the low dword of pages (one 32-bit store) while it
+// the guest adds to only the low dword of pages (one 32-bit store) while it
 // cannot carry, and writes the whole quadword with one `lock cmpxchg8b` (an
 // atomic 64-bit store) when it does, and for passes. The VMM reads with 64-bit
 // atomic loads (ReadRecord), so it never sees a torn counter. The guest reads
