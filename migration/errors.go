@@ -59,3 +59,34 @@ var (
 	errCPRChannel = qerr.Generic("migvisor does not support the 'cpr' migration channel")
 	errCPRMode    = qerr.Generic("missing 'cpr' migration channel")
 )
+
+// QEMU's texts for addresses and credentials (util/qemu-sockets.c, migration/tls.c).
+func errParseAddress(addr string) *qerr.Error {
+	return qerr.Generic("error parsing address '%s'", addr)
+}
+
+func errNoTLSCreds(id string) *qerr.Error {
+	return qerr.Generic("No TLS credentials with id '%s'", id)
+}
+
+// migvisor's own, for transports that cannot be opened.
+var (
+	errExecNoArgs   = qerr.Generic("exec migration needs at least one argument")
+	errNoSocketPath = qerr.Generic("unix migration URI needs a socket path")
+)
+
+func errFileOffset(opt string) *qerr.Error {
+	return qerr.Generic("file migration URI has a bad offset: %s", opt)
+}
+
+func errListen(a Address, err error) *qerr.Error {
+	return qerr.Generic("Failed to listen on '%s': %v", a, err)
+}
+
+func errOpenFile(err error) *qerr.Error {
+	return qerr.Generic("Failed to open the migration file: %v", err)
+}
+
+func errRunCommand(err error) *qerr.Error {
+	return qerr.Generic("Failed to run the migration command: %v", err)
+}

@@ -8,8 +8,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/migvisor/migvisor/qerr"
 )
 
 // MigrateArgs is migrate's argument (detach is accepted and ignored, as QEMU does).
@@ -60,7 +58,7 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 		return errUnsupportedParameter("mode", m.params.Mode)
 	}
 	if m.params.TLSCreds != "" {
-		return qerr.Generic("No TLS credentials with id '%s'", m.params.TLSCreds)
+		return errNoTLSCreds(m.params.TLSCreds)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &sourceRun{

@@ -13,8 +13,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/migvisor/migvisor/qerr"
 )
 
 // Channel is one entry of migrate's / migrate-incoming's "channels".
@@ -59,13 +57,13 @@ func ParseURI(uri string) (Address, error) {
 	switch scheme {
 	case "unix":
 		if rest == "" {
-			return Address{}, qerr.Generic("Parameter 'uri' expects a socket path after 'unix:'")
+			return Address{}, errNoSocketPath
 		}
 		return Address{Transport: "socket", Type: "unix", Path: rest}, nil
 	case "tcp":
 		host, port, err := net.SplitHostPort(rest)
 		if err != nil || port == "" {
-			return Address{}, qerr.Generic("error parsing address '%s'", rest)
+			return Address{}, errParseAddress(rest)
 		}
 		return Address{Transport: "socket", Type: "inet", Host: host, Port: port}, nil
 	case "exec":
@@ -77,7 +75,7 @@ func ParseURI(uri string) (Address, error) {
 			v, found := strings.CutPrefix(opt, "offset=")
 			off, err := strconv.ParseUint(v, 0, 64)
 			if !found || err != nil {
-				return Address{}, qerr.Generic("file URI has bad offset %s", opt)
+				return Address{}, errFileOffset(opt)
 			}
 			a.Offset = off
 		}
@@ -121,7 +119,7 @@ func pickAddress(uri *string, channels []Channel) (Address, error) {
 		return Address{}, errUnsupportedTransport(a.Type)
 	case a.Transport == "exec":
 		if len(a.Args) == 0 {
-			return Address{}, qerr.Generic("exec migration needs at least one argument")
+			return Address{}, errExecNoArgs
 		}
 	case a.Transport == "file":
 	default:
@@ -264,17 +262,17 @@ func listen(a Address) (listener, error) {
 		}
 		l, err := net.Listen(network, addr)
 		if err != nil {
-			return nil, qerr.Generic("Failed to listen on '%s': %v", a, err)
+			return nil, errListen(a, err)
 		}
 		return &sockListener{l: l}, nil
 	case "file":
 		f, err := os.Open(a.Filename)
 		if err != nil {
-			return nil, qerr.Generic("Failed to open migration file: %v", err)
+			return nil, errOpenFile(err)
 		}
 		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
 			f.Close()
-			return nil, qerr.Generic("Failed to seek migration file: %v", err)
+			return nil, errOpenFile(err)
 		}
 		return &onceListener{c: fileIn{f}}, nil
 	case "exec":
@@ -284,7 +282,7 @@ func listen(a Address) (listener, error) {
 			return nil, err
 		}
 		if err := cmd.Start(); err != nil {
-			return nil, qerr.Generic("Failed to run migration command: %v", err)
+			return nil, errRunCommand(err)
 		}
 		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
 	}
