@@ -31,11 +31,11 @@
 // a dirty limit leaves it alone; idle writes its record once and then exits
 // to the VMM with HLT each time it is run.
 //
-// On nested PVM the guest's 32-bit code is emulated (about 340 ns an
+// On nested PVM the guest's 32-bit code is emulated (a few hundred ns an
 // instruction) and every store is a dirty-ring entry, so a write page costs
 // BytesPerPage/4 entries, and the record about one per RecordEvery pages plus
 // two a pass. The page loop is eight instructions besides the page's own
-// access (ten for the default write, nine for a read): flat out, about
-// 270,000 written and 330,000 read pages/s with the ring collected as it goes
-// (BenchmarkWorkload).
+// access (ten for the default write, nine for a read): flat out on a quiet
+// host, about 420,000 written and 500,000 read pages/s with the ring
+// collected as it goes (BenchmarkWorkload; half that when the host is busy).
 package guest
