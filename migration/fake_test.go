@@ -60,6 +60,8 @@ type fakeMachine struct {
 	loaded  []byte
 	resumes int
 
+	lossy atomic.Bool // the dirty log misses every write (a broken tracker)
+
 	hook  atomic.Pointer[func(int)]
 	kicks []atomic.Bool
 	hooks atomic.Int64 // hook calls
@@ -193,6 +195,9 @@ func (m *fakeMachine) harvest() {
 	for _, p := range m.queued {
 		m.counter++
 		binary.LittleEndian.PutUint64(m.mem[p*PageSize+int(m.counter%500)*8:], m.counter)
+		if m.lossy.Load() {
+			continue
+		}
 		for _, l := range m.logs {
 			l.bits[p/64] |= 1 << (p % 64)
 		}

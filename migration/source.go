@@ -271,6 +271,7 @@ func (r *sourceRun) precopy() error {
 	mem := mach.Memory()
 	s := &sender{
 		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,
+		sums: make([]uint32, len(mem)/PageSize), scratch: make([]byte, runPages*PageSize),
 	}
 	err = s.enc.WriteHeader(Header{Version: StreamVersion, Flags: flags, Config: MachineConfig{
 		MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
@@ -383,6 +384,10 @@ type sender struct {
 	npages int
 	dirty  int
 	cursor int
+	// sums holds the checksum of what was last sent of each page (every page is sent in the
+	// first pass), from which the digest is made at the stop.
+	sums    []uint32
+	scratch []byte
 
 	winStart   time.Time
 	winBytes   int64
@@ -598,10 +603,19 @@ func (s *sender) writeRun(first, n int) error {
 		}
 		var err error
 		if isZero {
+			for k := i; k < j; k++ {
+				s.sums[first+k] = zeroPageSum
+			}
 			err = s.enc.WriteZeroPages(uint64(first+i), j-i)
 			zero += int64(j - i)
 		} else {
-			err = s.enc.WritePages(uint64(first+i), s.mem[(first+i)*PageSize:(first+j)*PageSize])
+			// The guest may be writing these pages: checksum the very bytes that are sent.
+			buf := s.scratch[:(j-i)*PageSize]
+			copy(buf, s.mem[(first+i)*PageSize:(first+j)*PageSize])
+			for k := i; k < j; k++ {
+				s.sums[first+k] = PageSum(buf[(k-i)*PageSize : (k-i+1)*PageSize])
+			}
+			err = s.enc.WritePages(uint64(first+i), buf)
 			normal += int64(j - i)
 		}
 		if err != nil {
@@ -626,6 +640,24 @@ func (s *sender) writeRun(first, n int) error {
 		r.stats.PrecopyBytes = uint64(written)
 	}
 	r.mu.Unlock()
+	return nil
+}
+
+// checkSent compares the page checksums of what was sent with those of memory at the stop: a
+// difference is a page the guest wrote that the dirty log never reported.
+func checkSent(sent, actual []uint32) error {
+	missed, first := 0, -1
+	for p := range sent {
+		if sent[p] != actual[p] {
+			if first < 0 {
+				first = p
+			}
+			missed++
+		}
+	}
+	if missed > 0 {
+		return fmt.Errorf("%d pages changed without being reported dirty (the first is page %d): not sending a stale guest", missed, first)
+	}
 	return nil
 }
 
@@ -664,14 +696,21 @@ func (s *sender) complete() error {
 	r.mu.Unlock()
 	s.stopped, s.stopBytes = true, s.enc.Written()
 	s.sync()
-	digest := make(chan Digest, 1)
-	go func() { digest <- MemoryDigest(s.mem) }() // memory no longer changes
-	if err := s.send(time.Time{}, false); err != nil {
-		<-digest
+	var actual chan []uint32
+	if r.m.cfg.VerifyMemory {
+		actual = make(chan []uint32, 1)
+		go func() { actual <- PageSums(s.mem) }() // memory no longer changes
+	}
+	err := s.send(time.Time{}, false)
+	if err == nil && actual != nil {
+		err = checkSent(s.sums, <-actual)
+	}
+	if err != nil {
 		return err
 	}
+	// Every page now holds what was last sent of it: the digest is that of memory as it stopped.
+	d := DigestOf(uint64(len(s.mem)), s.sums)
 	cpu, err := s.mach.SaveCPU()
-	d := <-digest
 	if err != nil {
 		return err
 	}

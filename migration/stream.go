@@ -421,9 +421,14 @@ func readReply(r io.Reader) error {
 }
 
 // MemoryDigest summarises guest memory: SHA-256 over the memory size (u64) and the CRC32C of
-// every page in order. The page checksums are computed in parallel on the source; a
-// destination keeps them as pages arrive (PageSum) and so never rereads its memory.
+// every page in order. Both ends keep the page checksums as pages go out and come in
+// (PageSum, DigestOf), so that neither rereads its memory in the downtime.
 func MemoryDigest(mem []byte) Digest {
+	return DigestOf(uint64(len(mem)), PageSums(mem))
+}
+
+// PageSums checksums every page of mem, in parallel.
+func PageSums(mem []byte) []uint32 {
 	sums := make([]uint32, len(mem)/PageSize)
 	n := len(sums)
 	workers := min(runtime.GOMAXPROCS(0), max(n/256, 1))
@@ -438,7 +443,7 @@ func MemoryDigest(mem []byte) Digest {
 		}()
 	}
 	wg.Wait()
-	return DigestOf(uint64(len(mem)), sums)
+	return sums
 }
 
 // PageSum is one page's checksum in the digest.

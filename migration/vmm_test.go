@@ -77,7 +77,8 @@ func TestMigrateMachine(t *testing.T) {
 				sm, dm := newVMM(t, accel, vmm.Running), newVMM(t, accel, vmm.InMigrate)
 				lim := dirtylimit.NewLimiter(sm, dirtylimit.Options{})
 				t.Cleanup(func() { lim.Close() })
-				src := New(Config{Machine: vmmMachine{sm, lim}, Limiter: lim, DirtyRing: true, Logf: t.Logf})
+				// VerifyMemory: the machine's dirty log is under test too.
+				src := New(Config{Machine: vmmMachine{sm, lim}, Limiter: lim, DirtyRing: true, VerifyMemory: true, Logf: t.Logf})
 				dst := New(Config{Machine: vmmMachine{dm, nil}, Incoming: true, Autostart: func() bool { return false }, Logf: t.Logf})
 				require.NoError(t, src.SetCapabilities(cfg.caps))
 				require.NoError(t, src.SetParameters(setParams(t, cfg.params)))
