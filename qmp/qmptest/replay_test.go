@@ -153,6 +153,13 @@ func TestReplay(t *testing.T) {
 			errs:   []string{`return.status: want "done", got "stuck"`},
 		},
 		{
+			name:   "members the server may add",
+			lines:  []string{greeting, `>{"execute": "q", "id": 1}`, `{"return": {"a": 1}, "id": 1}`},
+			server: [][]string{{greeting}, {`{"return": {"a": 1, "b": 2, "c": 3}, "id": 1}`}},
+			opts:   Options{MayAdd: func(msg, path string) bool { return msg == "q" && path == "return.b" }},
+			errs:   []string{"return.c: unexpected 3"},
+		},
+		{
 			name:   "rewritten paths",
 			lines:  []string{greeting, `>{"execute": "a", "arguments": {"uri": "unix:/run/qmp-test/x"}, "id": 1}`, `{"return": {"path": "/run/qmp-test/x"}, "id": 1}`},
 			server: [][]string{{greeting}, {`{"return": {"path": "/tmp/x"}, "id": 1}`}},
