@@ -63,10 +63,12 @@
 //	       | 'R' u32 n, n bytes reason (refused; the destination then drops the stream)
 //
 // The digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of guest
-// memory as the source had it when it stopped: the source checksums all its memory then (in
-// parallel, while it sends the last pages), so a page the dirty log missed shows; the
-// destination checksums each page as it arrives and so never rereads its memory. The
-// receiver refuses another
+// memory as the source had it when it stopped. Each end keeps the checksum of every page as
+// it goes out (computed on the very bytes sent) or comes in, so the digest costs well under a
+// millisecond of downtime: it guards the transfer, and relies on the dirty log for pages the
+// guest changed. Config.VerifyMemory also rereads all memory at the stop and fails the
+// migration, naming the first page, if the dirty log missed one (a pass over memory in the
+// downtime). The receiver refuses another
 // version, a bad header checksum, a different memory size, vCPU count, page size or (when it
 // knows its own) workloads description, records out of bounds, a truncated stream, and a
 // digest that differs from its memory's; it never runs a guest from such a stream.
