@@ -169,20 +169,27 @@ func (c *Client) Execute(ctx context.Context, cmd string, args, result any) erro
 		return fmt.Errorf("qmp: %s: %w", cmd, err)
 	}
 
+	var r response
 	select {
-	case r := <-ch:
-		if r.Error != nil {
-			return r.Error
-		}
-		if result == nil {
-			return nil
-		}
-		return json.Unmarshal(r.Return, result)
+	case r = <-ch:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-c.done:
-		return c.err
+		// The reply may have arrived just before the connection ended (quit's does):
+		// select picks among ready cases at random, so look again.
+		select {
+		case r = <-ch:
+		default:
+			return c.err
+		}
 	}
+	if r.Error != nil {
+		return r.Error
+	}
+	if result == nil {
+		return nil
+	}
+	return json.Unmarshal(r.Return, result)
 }
 
 // Close closes the connection and waits for the reader to stop.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"testing"
 	"time"
 
@@ -132,4 +134,27 @@ func TestDialErrors(t *testing.T) {
 	_, err := Dial(ctx, "unix", "/nonexistent/qmp.sock")
 	require.Error(t, err)
 	require.False(t, errors.Is(err, ErrClosed))
+}
+
+// A reply followed at once by the end of the connection (quit's) is still the answer: the
+// client must not report the hang-up instead.
+func TestClientReplyThenHangup(t *testing.T) {
+	for i := 0; i < 50; i++ {
+		client, server := net.Pipe()
+		go func() {
+			defer server.Close()
+			server.Write([]byte(`{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""}, "capabilities": []}}` + "\r\n"))
+			dec := json.NewDecoder(server)
+			var req struct{ ID string }
+			if dec.Decode(&req) == nil {
+				fmt.Fprintf(server, `{"return": {"bye": true}, "id": "%s"}`+"\r\n", req.ID)
+			}
+		}()
+		c, err := NewClient(context.Background(), client)
+		require.NoError(t, err)
+		var out map[string]bool
+		require.NoError(t, c.Execute(context.Background(), "quit", nil, &out))
+		require.True(t, out["bye"])
+		c.Close()
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -42,19 +43,39 @@ var migvisorBin = func() func(t *testing.T) string {
 	}
 }()
 
-// startProcess runs migvisor with args and waits until its QMP socket answers.
-func startProcess(t *testing.T, sock string, args ...string) (*exec.Cmd, *bytes.Buffer) {
+// syncBuffer is a process's stderr, read by the test while the process writes it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startProcess runs migvisor with args and waits until its QMP socket exists.
+func startProcess(t *testing.T, sock string, args ...string) (*exec.Cmd, *syncBuffer) {
 	t.Helper()
 	cmd := exec.Command(migvisorBin(t), args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return cmd, &stderr
+			return cmd, stderr
 		}
-		require.True(t, time.Now().Before(deadline), "migvisor did not create %s; stderr: %s", sock, stderr.String())
+		if time.Now().After(deadline) {
+			t.Fatalf("migvisor did not create %s; stderr: %s", sock, stderr)
+		}
 	}
 }
 
