@@ -198,9 +198,11 @@ func (b benchCommon) run(i int, s scenario) (benchResult, error) {
 	if err := dst.exec(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil); err != nil {
 		return res, err
 	}
-	startPages, err := readPages(ctx, src)
-	if err != nil {
-		return res, err
+	var startPages uint64
+	if !s.idle {
+		if startPages, err = readPages(ctx, src); err != nil {
+			return res, err
+		}
 	}
 	start := time.Now()
 	if err := src.exec(ctx, "migrate", map[string]any{"uri": uri}, nil); err != nil {
