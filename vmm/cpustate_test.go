@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/migvisor/migvisor/qerr"
+	"github.com/migvisor/migvisor/vmm/kvm"
 	"github.com/stretchr/testify/require"
 )
 
@@ -40,4 +41,29 @@ func TestSaveLoadCPU(t *testing.T) {
 			require.Greater(t, s.Pages, at[cpu].Pages, "vCPU %d", cpu)
 		}
 	})
+}
+
+// State saved by one accelerator restarts the workloads on the other at the progress their
+// records show.
+func TestLoadCPUAcrossAccelerators(t *testing.T) {
+	if err := kvm.Available(); err != nil {
+		t.Skipf("KVM is not usable here: %v", err)
+	}
+	for _, pair := range [][2]string{{AccelSoft, AccelKVM}, {AccelKVM, AccelSoft}} {
+		t.Run(pair[0]+"-to-"+pair[1], func(t *testing.T) {
+			w := []Workload{{Mode: ModeWrite, Size: 64 * PageSize}}
+			src := newMachine(t, Config{Accel: pair[0], CPUs: 1, Initial: Running, Workloads: w})
+			waitFor(t, "some passes", func() bool { return src.WorkloadStats()[0].Passes > 3 })
+			require.NoError(t, src.Pause(FinishMigrate))
+			blob, err := src.SaveCPU()
+			require.NoError(t, err)
+			at := src.WorkloadStats()[0]
+
+			dst := newMachine(t, Config{Accel: pair[1], CPUs: 1, Initial: InMigrate, Workloads: w})
+			copy(dst.Memory(), src.Memory())
+			require.NoError(t, dst.LoadCPU(blob))
+			require.NoError(t, dst.Resume())
+			waitFor(t, "progress", func() bool { return dst.WorkloadStats()[0].Passes > at.Passes+2 })
+		})
+	}
 }

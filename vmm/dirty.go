@@ -72,6 +72,8 @@ type reaper struct {
 	interval  atomic.Int64    // between rounds (ns)
 	maxIntvl  time.Duration
 
+	syncMu sync.Mutex // one syncRings at a time
+
 	mu        sync.Mutex // one harvest at a time; guards the fields below
 	logs      []*DirtyLog
 	sinceFull []int // entries each ring received since that vCPU's last ring-full event
@@ -247,6 +249,8 @@ func (r *reaper) syncRings() {
 		r.harvest()
 		return
 	}
+	r.syncMu.Lock() // a vCPU answers one request at a time
+	defer r.syncMu.Unlock()
 	done := make(chan int, len(m.cpus)) // buffered: a late answer never blocks its vCPU
 	asked := make([]bool, len(m.cpus))
 	pending := 0

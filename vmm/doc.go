@@ -16,17 +16,27 @@
 //
 // # Dirty pages
 //
-// With a dirty ring (Config.DirtyRingSize entries per vCPU) a reaper thread harvests every
-// ring while the vCPUs run, every 50 µs to 1 ms so that no ring gets near full (the host
-// notes: KVM's own ring-full exit cannot be relied on), and resets the rings. Each page it
-// harvests goes, with the vCPU that dirtied it, to that vCPU's cumulative counter
-// (DirtyPages) and to every open DirtyLog (migration's bitmap; each view is independent).
-// Harvest runs one pass synchronously. When a ring received its size in entries since that
-// vCPU's last ring-full event, the vCPU is kicked and its thread calls the ring-full hook
-// (SetRingFullHook; the dirty limit sleeps there) outside KVM_RUN; a real
+// With a dirty ring (Config.DirtyRingSize entries per vCPU) the reaper keeps every ring far
+// from full while the vCPUs run: every 100 µs to 1 ms (adapting to how full the rings get) it
+// kicks each vCPU in guest mode, and the vCPU's own thread harvests its ring, resets the
+// rings and goes back in. Rings are collected on their own threads because on nested PVM a
+// ring harvested from another thread while its vCPU is in KVM_RUN loses entries, and KVM does
+// not stop a vCPU before its ring overflows (kvm-host-notes.md, vmm/kvm's doc). Each page
+// goes, with the vCPU that dirtied it, to that vCPU's cumulative counter (DirtyPages) and to
+// every open DirtyLog (migration's bitmap; each view is independent). Harvest, and
+// DirtyLog.Sync before it reads its view, bring in everything dirtied so far: running vCPUs
+// are asked to collect, the other rings are harvested directly. When a ring received its
+// size in entries since that vCPU's last ring-full event, the vCPU's thread calls the
+// ring-full hook (SetRingFullHook; the dirty limit sleeps there) outside KVM_RUN; a real
 // KVM_EXIT_DIRTY_RING_FULL, and Kick, end up in the same hook. A ring found inconsistent
-// makes every page dirty in every DirtyLog (DirtyFailSafes counts it) instead of losing pages.
-// Without a ring DirtyLog syncs KVM's dirty bitmap (or the soft one) and DirtyPages stays 0.
+// (overrun, entries the host left unflagged) makes every page dirty in every DirtyLog
+// (DirtyFailSafes counts it, a log line says so) instead of losing pages; a ring the host
+// left stuck beyond repair stops its vCPU. Without a ring DirtyLog syncs KVM's dirty bitmap
+// (or the soft one) and DirtyPages stays 0.
+//
+// The reaper's threads, one per host CPU, are pinned and run at a real-time priority where
+// allowed (root), and while a machine exists GOMAXPROCS leaves spare Ps, because a thread in
+// KVM_RUN holds its P until the runtime takes it back.
 //
 //	m, err := vmm.New(vmm.Config{MemSize: 512 << 20, CPUs: 2, Accel: "kvm", DirtyRingSize: 4096,
 //		Workloads: []vmm.Workload{{Mode: "write"}}, Initial: vmm.Running, Events: srv})

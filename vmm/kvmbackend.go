@@ -125,10 +125,11 @@ func (k kvmRing) handleFull(visit func(page uint64)) (int, error) {
 
 // kvmCPU is one KVM vCPU.
 type kvmCPU struct {
-	b   *kvmBackend
-	id  int
-	v   *kvm.VCPU
-	tid int // set by init, before any kick can name it
+	b     *kvmBackend
+	id    int
+	v     *kvm.VCPU
+	tid   int    // set by init, before any kick can name it
+	ticks uint64 // the workload's pacing in this host's TSC ticks per page
 }
 
 // start loads the vCPU's program and record and points the vCPU at its entry.
@@ -139,15 +140,14 @@ func (c *kvmCPU) start() error {
 		return err
 	}
 	copy(m.mem[guest.CodeAddr(c.id):guest.CodeAddr(c.id)+guest.CodeStride], code)
-	var ticks uint64
 	if rate := lay.work[c.id].Rate; rate > 0 {
 		khz, err := c.v.TSCKHz()
 		if err != nil {
 			return err
 		}
-		ticks = guest.TicksPerPage(rate, khz*1000)
+		c.ticks = guest.TicksPerPage(rate, khz*1000)
 	}
-	guest.InitRecord(m.mem, lay.records[c.id], ticks)
+	guest.InitRecord(m.mem, lay.records[c.id], c.ticks)
 	return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
 }
 
@@ -205,6 +205,8 @@ func (c *kvmCPU) save() ([]byte, error) {
 }
 
 func (c *kvmCPU) load(b []byte) error {
+	// The record came with the memory, paced for the source's TSC.
+	guest.SetTicksPerPage(c.b.m.mem, c.b.m.lay.records[c.id], c.ticks)
 	if b == nil { // state from another accelerator: restart the program where it is loaded
 		return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
 	}

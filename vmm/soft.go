@@ -23,6 +23,14 @@ type softBackend struct {
 func newSoftBackend(m *Machine) (*softBackend, error) {
 	b := &softBackend{m: m, logged: make([]atomic.Uint64, (m.pages+63)/64)}
 	for i := 0; i < m.cfg.CPUs; i++ {
+		// The guest program and its record go in as for KVM, so that memory images are alike
+		// and either accelerator can continue from the other's.
+		code, err := guest.Program(m.lay.guestParams(i))
+		if err != nil {
+			return nil, err
+		}
+		copy(m.mem[guest.CodeAddr(i):guest.CodeAddr(i)+guest.CodeStride], code)
+		guest.InitRecord(m.mem, m.lay.records[i], 0)
 		c := &softCPU{b: b, id: i, w: m.lay.work[i], reg: m.lay.regions[i], rec: m.lay.records[i]}
 		if n := m.cfg.DirtyRingSize; n > 0 {
 			c.ring = &softRing{b: b, entries: make([]uint64, n), mask: uint64(n - 1)}
