@@ -70,6 +70,7 @@ type reaper struct {
 	wakes     []chan struct{} // one per thread
 	lastRound atomic.Int64    // when the last round of kicks went out (UnixNano)
 	interval  atomic.Int64    // between rounds (ns)
+	sleeping  atomic.Bool     // a pacing thread waits for a vCPU to enter guest mode
 	maxIntvl  time.Duration
 
 	syncMu sync.Mutex // one syncRings at a time
@@ -158,6 +159,19 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 				return
 			}
 		}
+		if !r.anyInGuest() {
+			// Halted or sleeping vCPUs dirty nothing: wait for one to enter guest mode.
+			r.sleeping.Store(true)
+			if !r.anyInGuest() {
+				select {
+				case <-wake:
+				case <-r.m.done:
+					return
+				}
+			}
+			r.sleeping.Store(false)
+			continue
+		}
 		iv := r.interval.Load()
 		now := time.Now().UnixNano()
 		if last := r.lastRound.Load(); now-last >= iv*9/10 && r.lastRound.CompareAndSwap(last, now) {
@@ -176,6 +190,23 @@ func (r *reaper) loop(hostCPU int, wake chan struct{}, first bool) {
 			return
 		default:
 		}
+	}
+}
+
+func (r *reaper) anyInGuest() bool {
+	for _, c := range r.m.cpus {
+		if c.inGuest.Load() {
+			return true
+		}
+	}
+	return false
+}
+
+// enteringGuest is called by a vCPU thread that has just set inGuest: it wakes the reaper if
+// it went to sleep for want of a running vCPU.
+func (r *reaper) enteringGuest() {
+	if r.sleeping.Load() {
+		r.wakeUp()
 	}
 }
 

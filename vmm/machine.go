@@ -282,6 +282,7 @@ func (m *Machine) vcpuThread(c *vcpu, ready chan<- struct{}) {
 	for m.waitRunnable(c) {
 		m.runHook(c)
 		c.inGuest.Store(true)
+		m.rp.enteringGuest()
 		ex, err := c.r.run()
 		c.inGuest.Store(false)
 		if c.collect.Swap(false) {
