@@ -35,8 +35,10 @@
 // (or the soft one) and DirtyPages stays 0.
 //
 // The reaper's threads, one per host CPU, are pinned and run at a real-time priority where
-// allowed (root), and while a machine exists GOMAXPROCS leaves spare Ps, because a thread in
-// KVM_RUN holds its P until the runtime takes it back.
+// allowed (root); they sleep while no vCPU is in guest mode, so an idle machine costs
+// nothing. While a machine exists GOMAXPROCS leaves spare Ps, because a thread in KVM_RUN
+// holds its P until the runtime takes it back. Guest memory of the workload regions is
+// pre-faulted on the host side at New (first touches are expensive on the project's hosts).
 //
 //	m, err := vmm.New(vmm.Config{MemSize: 512 << 20, CPUs: 2, Accel: "kvm", DirtyRingSize: 4096,
 //		Workloads: []vmm.Workload{{Mode: "write"}}, Initial: vmm.Running, Events: srv})
