@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"fmt"
 	"math"
 	"math/big"
 	"strconv"
@@ -175,9 +174,4 @@ func parseCPUList(v string) ([]int, error) {
 		}
 	}
 	return out, nil
-}
-
-// String formats a workload the way ParseWorkload reads it (without cpus).
-func (w Workload) String() string {
-	return fmt.Sprintf("mode=%s,size=%d,rate=%d,bytes=%d", w.mode(), w.Size, w.Rate, w.BytesPerPage)
 }
