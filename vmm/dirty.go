@@ -77,10 +77,16 @@ type reaper struct {
 
 	mu        sync.Mutex // one harvest at a time; guards the fields below
 	logs      []*DirtyLog
-	sinceFull []int // entries each ring received since that vCPU's last ring-full event
+	sinceFull []int // pages each ring received since that vCPU's last ring-full event
 	visitFn   func(page uint64)
 	bad       bool // the current harvest met an impossible page
-	closed    bool // the machine is closed: no more harvests
+	// last and pages dedupe one harvest: where KVM emulates the guest's stores (nested PVM),
+	// every store is an entry, so a page written twice in a row comes twice; hardware logs a
+	// page once until the reset. Counting pages, not entries, keeps rates and ring-full
+	// events in pages on both.
+	last   uint64
+	pages  int
+	closed bool // the machine is closed: no more harvests
 
 	failSafes atomic.Uint64
 	passes    atomic.Uint64
@@ -246,15 +252,15 @@ func (r *reaper) ringFull(c *vcpu) error {
 	if r.closed {
 		return nil
 	}
-	r.bad = false
-	n, err := c.ring.handleFull(r.visitFn)
+	r.startHarvest()
+	_, err := c.ring.handleFull(r.visitFn)
 	if err != nil || r.bad {
 		r.failSafeLocked(c.id, err)
 	}
 	if errors.Is(err, errRingStuck) {
 		return err
 	}
-	r.countLocked(c, n, false)
+	r.countLocked(c, r.pages, false)
 	r.sinceFull[c.id] = 0
 	r.resetLocked(1) // the kernel frees the ring's entries only at a reset
 	return nil
@@ -332,7 +338,7 @@ func (r *reaper) passLocked() {
 	}
 	r.passes.Add(1)
 	if m.cfg.DirtyRingSize == 0 {
-		r.bad = false
+		r.startHarvest()
 		if err := m.be.syncBitmap(r.visitFn); err != nil || r.bad {
 			r.failSafeLocked(-1, err)
 		}
@@ -348,7 +354,7 @@ func (r *reaper) passLocked() {
 // harvestLocked takes c's ring's new entries and accounts for them; a ring-full event kicks
 // the vCPU for its hook (kick) or, on the vCPU's own thread, marks it due.
 func (r *reaper) harvestLocked(c *vcpu, kick bool) int {
-	r.bad = false
+	r.startHarvest()
 	n, err := c.ring.harvest(r.visitFn)
 	if err == nil && n >= r.m.cfg.DirtyRingSize {
 		// KVM should have stopped the vCPU before its ring was full; where it did not
@@ -358,8 +364,13 @@ func (r *reaper) harvestLocked(c *vcpu, kick bool) int {
 	if err != nil || r.bad {
 		r.failSafeLocked(c.id, err)
 	}
-	r.countLocked(c, n, kick)
+	r.countLocked(c, r.pages, kick)
 	return n
+}
+
+// startHarvest begins one ring's harvest: nothing seen yet.
+func (r *reaper) startHarvest() {
+	r.bad, r.last, r.pages = false, ^uint64(0), 0
 }
 
 func (r *reaper) countLocked(c *vcpu, n int, kick bool) {
@@ -389,6 +400,11 @@ func (r *reaper) resetLocked(harvested int) {
 
 // deliver hands one harvested page to every open DirtyLog.
 func (r *reaper) deliver(page uint64) {
+	if page == r.last {
+		return
+	}
+	r.last = page
+	r.pages++
 	if page >= r.m.pages {
 		r.bad = true
 		return
@@ -494,5 +510,6 @@ func (d *DirtyLog) setAll() {
 	}
 }
 
-// DirtyPages is the number of pages harvested from cpu's ring so far (0 without a ring).
+// DirtyPages is the number of pages harvested from cpu's ring so far, a page written twice in a
+// row counted once (0 without a ring).
 func (m *Machine) DirtyPages(cpu int) uint64 { return m.cpus[cpu].dirty.Load() }

@@ -252,3 +252,30 @@ func TestStopWaitsForVCPUs(t *testing.T) {
 		m.SetRingFullHook(nil)
 	})
 }
+
+// scriptedRing hands out a fixed sequence of entries once, as a host that logs every store does.
+type scriptedRing struct{ pages []uint64 }
+
+func (s *scriptedRing) harvest(visit func(page uint64)) (int, error) {
+	for _, p := range s.pages {
+		visit(p)
+	}
+	n := len(s.pages)
+	s.pages = nil
+	return n, nil
+}
+
+func (s *scriptedRing) handleFull(visit func(page uint64)) (int, error) { return s.harvest(visit) }
+
+// Where KVM emulates the guest, each store is an entry: a page stored to twice in a row is still
+// one dirty page, for the per-vCPU count (the dirty limit's rate) and for the views.
+func TestRepeatedEntriesCountOnce(t *testing.T) {
+	m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: Prelaunch})
+	log := m.NewDirtyLog()
+	m.cpus[0].ring = &scriptedRing{pages: []uint64{300, 300, 301, 301, 302, 302, 300}}
+	m.Harvest()
+	require.Equal(t, uint64(4), m.DirtyPages(0), "300 300 | 301 301 | 302 302 | 300: four pages dirtied in turn")
+	bm := bitmapFor(m)
+	require.Equal(t, 3, log.Sync(bm))
+	require.Equal(t, []uint64{300, 301, 302}, pagesIn(bm))
+}
