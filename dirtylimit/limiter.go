@@ -87,8 +87,24 @@ func NewLimiter(m Machine, opt Options) *Limiter {
 		wake:   make(chan struct{}),
 	}
 	m.SetRingFullHook(l.RingFull)
+	if fp, ok := m.(ringFullPager); ok {
+		// QEMU's algorithm sleeps once per full ring; migvisor's paces every pacePages, so a
+		// quota is held within a period even when it is a fraction of a ring per second.
+		n := 0
+		if l.alg == Migvisor {
+			n = pacePages
+		}
+		fp.SetRingFullPages(n)
+	}
 	return l
 }
+
+// ringFullPager is a machine whose ring-full events can come more often than once a ring
+// (*vmm.Machine): SetRingFullPages(0) means once a ring.
+type ringFullPager interface{ SetRingFullPages(n int) }
+
+// pacePages is how often migvisor's algorithm paces a limited vCPU: every MiB it dirties.
+const pacePages = 256
 
 // Algorithm reports the algorithm in use.
 func (l *Limiter) Algorithm() Algorithm { return l.alg }

@@ -331,3 +331,27 @@ func TestHookSleepsThroughClock(t *testing.T) {
 		<-done
 	})
 }
+
+// pagedMachine is a fake machine whose ring-full events can come every n pages.
+type pagedMachine struct {
+	*fakeMachine
+	every int
+}
+
+func (m *pagedMachine) SetRingFullPages(n int) { m.every = n }
+
+// Migvisor's algorithm asks for an event every MiB, so it paces in steps smaller than a ring;
+// QEMU's keeps one event a ring, as QEMU sleeps once per ring-full.
+func TestLimiterPacingStep(t *testing.T) {
+	for _, tc := range []struct {
+		alg  Algorithm
+		want int
+	}{{Migvisor, pacePages}, {QEMU, 0}} {
+		t.Run(tc.alg.String(), func(t *testing.T) {
+			m := &pagedMachine{fakeMachine: newFakeMachine(2, 4096), every: -1}
+			l := NewLimiter(m, Options{Algorithm: tc.alg, Clock: newFakeClock()})
+			defer l.Close()
+			require.Equal(t, tc.want, m.every)
+		})
+	}
+}

@@ -379,7 +379,7 @@ func (r *reaper) countLocked(c *vcpu, n int, kick bool) {
 	}
 	c.dirty.Add(uint64(n))
 	r.sinceFull[c.id] += n
-	if r.sinceFull[c.id] >= r.m.cfg.DirtyRingSize {
+	if r.sinceFull[c.id] >= r.m.ringFullPages() {
 		r.sinceFull[c.id] = 0
 		if kick {
 			r.m.Kick(c.id)

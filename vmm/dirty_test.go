@@ -210,6 +210,37 @@ func TestRingFullHookOnVCPUThread(t *testing.T) {
 	})
 }
 
+// SetRingFullPages makes ring-full events come every n pages: the first comes long before a
+// whole ring, and each stands for at least n pages.
+func TestRingFullEveryNPages(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		ring := testRing(accel)
+		every := ring / 8
+		m := newMachine(t, Config{Accel: accel, DirtyRingSize: ring, Initial: Prelaunch,
+			Workloads: []Workload{{Mode: ModeIdle}, {Mode: ModeWrite, Size: 4 << 20}}})
+		m.SetRingFullPages(every)
+		var mu sync.Mutex
+		calls, firstAt := 0, uint64(0)
+		m.SetRingFullHook(func(cpu int) {
+			mu.Lock()
+			defer mu.Unlock()
+			if cpu != 1 {
+				return
+			}
+			if calls++; calls == 1 {
+				firstAt = m.DirtyPages(1)
+			}
+		})
+		require.NoError(t, m.Cont())
+		waitFor(t, "sixteen events", func() bool { mu.Lock(); defer mu.Unlock(); return calls >= 16 })
+		require.NoError(t, m.Stop())
+		mu.Lock()
+		defer mu.Unlock()
+		require.Less(t, firstAt, uint64(ring), "the first event must not wait for a whole ring")
+		require.GreaterOrEqual(t, m.DirtyPages(1), uint64(calls*every))
+	})
+}
+
 // Kick makes a vCPU run the hook soon, whether it is in guest mode or halted.
 func TestKickRunsHook(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, accel string) {

@@ -70,6 +70,8 @@ type Machine struct {
 	closed    bool
 
 	hook atomic.Pointer[func(cpu int)]
+	// fullPages is how many pages make a ring-full event (0: the ring's size).
+	fullPages atomic.Int64
 	rp   *reaper
 
 	stats *sampler
@@ -230,6 +232,24 @@ func (m *Machine) SetRingFullHook(h func(cpu int)) {
 		return
 	}
 	m.hook.Store(&h)
+}
+
+// SetRingFullPages makes a ring-full event come every n pages a vCPU's ring received instead
+// of every ring's worth, so that a hook that paces the vCPU (the dirty limit) can do it in
+// finer steps than a whole ring. n <= 0, or more than the ring holds, means the ring's size.
+func (m *Machine) SetRingFullPages(n int) {
+	if n <= 0 || n > m.cfg.DirtyRingSize {
+		n = 0
+	}
+	m.fullPages.Store(int64(n))
+}
+
+// ringFullPages is the number of pages that make a ring-full event now.
+func (m *Machine) ringFullPages() int {
+	if n := m.fullPages.Load(); n > 0 {
+		return int(n)
+	}
+	return m.cfg.DirtyRingSize
 }
 
 // Kick makes cpu leave guest mode soon and run the ring-full hook before it goes back.
