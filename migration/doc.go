@@ -16,7 +16,8 @@
 // window) is spent, then an end-of-section record. When the pages left are fewer than the
 // switch-over threshold (measured bandwidth × downtime-limit) the dirty log is synced again
 // (a new pass); when they still fit, the guest is stopped (finish-migrate, STOP), the state
-// goes to device, a last sync runs, and the rest goes out with the vCPU state and the digest.
+// goes to device, a last sync runs, and the rest goes out with the vCPU state while all
+// memory is checked against what was sent, then the digest (see the stream format).
 // Syncing harvests the dirty log before any page it reports is read, so a page written after
 // its harvest is seen by the next sync. Status: none → setup → active → device → completed;
 // MIGRATION and MIGRATION_PASS events with the events capability. The source ends in
@@ -64,12 +65,19 @@
 //
 // The digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of guest
 // memory as the source had it when it stopped. Each end keeps the checksum of every page as
-// it goes out (computed on the very bytes sent) or comes in, so the digest costs well under a
-// millisecond of downtime: it guards the transfer, and relies on the dirty log for pages the
-// guest changed. Config.VerifyMemory also rereads all memory at the stop and fails the
-// migration, naming the first page, if the dirty log missed one (a pass over memory in the
-// downtime). The receiver refuses another
-// version, a bad header checksum, a different memory size, vCPU count, page size or (when it
-// knows its own) workloads description, records out of bounds, a truncated stream, and a
-// digest that differs from its memory's; it never runs a guest from such a stream.
+// it goes out (computed on the very bytes sent) or comes in. At the stop, once the last sync
+// is done, memory no longer changes: the source rereads every page the final send does not
+// carry and compares it with the checksum of what was last sent of it, beside that send (on
+// all CPUs but the sender's, and on the sender's too once the rest and the vCPU state are
+// out). A page that differs is one the guest wrote without the dirty log reporting it: the
+// migration fails, naming the first such page, and the guest resumes at the source. Once the
+// check passes the digest is that of real memory at the stop, so a destination that accepts
+// it holds every byte of it. The reread loads the cache lines of the next page before it
+// checksums one, so that a pass runs at about the speed of memory rather than of one line
+// at a time (BenchmarkMemoryDigest: about 4 times faster, some 60 ms per GiB on two idle
+// cores); BenchmarkMigrateIdle and BenchmarkMigrateMachineIdle report the downtime. The
+// receiver refuses another version, a bad header checksum, a different memory size, vCPU
+// count, page size or (when it knows its own) workloads description, records out of bounds, a
+// truncated stream, and a digest that differs from its memory's; it never runs a guest from
+// such a stream.
 package migration

@@ -15,11 +15,6 @@ type Config struct {
 	// match on the destination when both ends know it (nil: not compared).
 	Workloads []byte
 	Incoming  bool // started with -incoming (a URI or defer)
-	// VerifyMemory rereads all guest memory at the stop and checks it against what was sent,
-	// failing the migration (the guest resumes at the source) if the dirty log missed a page.
-	// It costs a pass over memory in the downtime (about 100 ms per 512 MiB on two cores);
-	// without it the digest relies on the dirty log and guards the transfer alone.
-	VerifyMemory bool
 	// Autostart tells whether the destination runs the guest once loaded (false with -S, or
 	// after a stop during inmigrate). Nil: always.
 	Autostart func() bool

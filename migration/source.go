@@ -385,7 +385,7 @@ type sender struct {
 	dirty  int
 	cursor int
 	// sums holds the checksum of what was last sent of each page (every page is sent in the
-	// first pass), from which the digest is made at the stop.
+	// first pass); at the stop it is checked against memory, then digested.
 	sums    []uint32
 	scratch []byte
 
@@ -643,20 +643,17 @@ func (s *sender) writeRun(first, n int) error {
 	return nil
 }
 
-// checkSent compares the page checksums of what was sent with those of memory at the stop: a
-// difference is a page the guest wrote that the dirty log never reported.
-func checkSent(sent, actual []uint32) error {
-	missed, first := 0, -1
-	for p := range sent {
-		if sent[p] != actual[p] {
-			if first < 0 {
-				first = p
-			}
-			missed++
-		}
+// sendFinal sends the pages the final sync found and the vCPU state.
+func (s *sender) sendFinal() error {
+	if err := s.send(time.Time{}, false); err != nil {
+		return err
 	}
-	if missed > 0 {
-		return fmt.Errorf("%d pages changed without being reported dirty (the first is page %d): not sending a stale guest", missed, first)
+	cpu, err := s.mach.SaveCPU()
+	if err != nil {
+		return err
+	}
+	if err := s.enc.WriteCPU(cpu); err != nil {
+		return s.r.ioError(err)
 	}
 	return nil
 }
@@ -669,8 +666,9 @@ func (s *sender) zeroPage(p int) bool {
 	return pg[0] == 0 && string(pg) == string(zeroPage[:])
 }
 
-// complete is migration_completion: stop the guest, send what is left, the vCPU state and
-// the digest, and (with a return path) commit only once the destination has verified it.
+// complete is migration_completion: stop the guest, send what is left and the vCPU state
+// while all memory is checked against what was sent, then the digest of memory as it
+// stopped, and (with a return path) commit only once the destination has verified it.
 func (s *sender) complete() error {
 	r := s.r
 	r.stopThrottle()
@@ -696,28 +694,17 @@ func (s *sender) complete() error {
 	r.mu.Unlock()
 	s.stopped, s.stopBytes = true, s.enc.Written()
 	s.sync()
-	var actual chan []uint32
-	if r.m.cfg.VerifyMemory {
-		actual = make(chan []uint32, 1)
-		go func() { actual <- PageSums(s.mem) }() // memory no longer changes
-	}
-	err := s.send(time.Time{}, false)
-	if err == nil && actual != nil {
-		err = checkSent(s.sums, <-actual)
-	}
-	if err != nil {
+	// Memory no longer changes: check all of it while the rest and the vCPU state go out.
+	check := checkMemory(s.mem, s.sums, s.bm)
+	if err := s.sendFinal(); err != nil {
+		check.abandon()
 		return err
 	}
-	// Every page now holds what was last sent of it: the digest is that of memory as it stopped.
-	d := DigestOf(uint64(len(s.mem)), s.sums)
-	cpu, err := s.mach.SaveCPU()
-	if err != nil {
+	if err := check.wait(); err != nil {
 		return err
 	}
-	if err := s.enc.WriteCPU(cpu); err != nil {
-		return r.ioError(err)
-	}
-	if err := s.enc.WriteTrailer(d); err != nil {
+	// Every page holds what was last sent of it: the digest is that of memory as it stopped.
+	if err := s.enc.WriteTrailer(DigestOf(uint64(len(s.mem)), s.sums)); err != nil {
 		return r.ioError(err)
 	}
 	if err := s.enc.Flush(); err != nil {

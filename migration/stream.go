@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
-	"runtime"
 	"sync"
 )
 
@@ -430,17 +429,10 @@ func MemoryDigest(mem []byte) Digest {
 // PageSums checksums every page of mem, in parallel.
 func PageSums(mem []byte) []uint32 {
 	sums := make([]uint32, len(mem)/PageSize)
-	n := len(sums)
-	workers := min(runtime.GOMAXPROCS(0), max(n/256, 1))
+	ps := &pageSummer{mem: mem}
 	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for p := w * n / workers; p < (w+1)*n/workers; p++ {
-				sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
-			}
-		}()
+	for range sumWorkers(len(sums)) {
+		wg.Go(func() { ps.work(func(p int, sum uint32) { sums[p] = sum }) })
 	}
 	wg.Wait()
 	return sums

@@ -26,15 +26,12 @@ func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
 		m.SetAutostart(!d.cfg.startPaused) // cont and stop during inmigrate change it later
 	}
 	return migration.New(migration.Config{
-		Machine:   migrationMachine{m: m, lim: d.limiter},
-		Limiter:   d.limiter,
-		Events:    d.srv,
-		DirtyRing: m.RingSize() > 0,
-		Workloads: workloads,
-		Incoming:  d.cfg.incoming != "",
-		// Rereading all memory at the stop would catch pages the dirty log missed, at about
-		// 100 ms of downtime per 512 MiB on two cores; migration's tests do it against vmm.
-		VerifyMemory:   false,
+		Machine:        migrationMachine{m: m, lim: d.limiter},
+		Limiter:        d.limiter,
+		Events:         d.srv,
+		DirtyRing:      m.RingSize() > 0,
+		Workloads:      workloads,
+		Incoming:       d.cfg.incoming != "",
 		Autostart:      m.Autostart,
 		IncomingFailed: fatal,
 		Logf:           func(format string, args ...any) { fmt.Fprintf(d.log, "migvisor: "+format+"\n", args...) },
