@@ -72,7 +72,7 @@ type Machine struct {
 	hook atomic.Pointer[func(cpu int)]
 	// fullPages is how many pages make a ring-full event (0: the ring's size).
 	fullPages atomic.Int64
-	rp   *reaper
+	rp        *reaper
 
 	stats *sampler
 
