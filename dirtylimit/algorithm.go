@@ -49,7 +49,7 @@ const (
 	defaultPeriod   = 1000 * time.Millisecond // DIRTYLIMIT_CALC_TIME_MS
 	// maxPacedSleep bounds one ring-full's sleep, and so how long a stop of the machine waits for
 	// a sleeping vCPU, as QEMU's 99 ring-full times does (1.98 s at 800 MiB/s with 4096 entries).
-	// Quotas under a ring per maxPacedSleep (8 MiB/s with 4096 entries) are not reached.
+	// Quotas under one pacing step (pacePages) per maxPacedSleep (0.5 MiB/s) are not reached.
 	maxPacedSleep    = 2 * time.Second
 	microsPerSecond  = 1_000_000
 	millisPerSecond  = 1000
@@ -116,13 +116,22 @@ func pagesAt(pages, quota uint64) time.Duration {
 // and has dirtied pages since; it may go on once those pages, at the quota, are paid for. It
 // returns the sleep and the new release time. The release time carries over from event to event
 // (not the moment the vCPU actually woke), so a sleep that overran, pages counted late, or a wake
-// before time are paid back at the next ring; a vCPU slower than its quota sleeps nothing and
-// banks no credit, and no debt beyond maxPacedSleep is kept.
+// before time are paid back at the next event. A vCPU that falls behind its quota (the host
+// stalled it, or its exits cost more than the quota leaves near its top speed) keeps at most
+// maxPaceCredit of credit to catch up with, so its mean holds the quota without a burst that
+// could break a period; no debt beyond maxPacedSleep is kept.
 func pace(now, release time.Time, pages, quota uint64) (time.Duration, time.Time) {
 	next := release.Add(pagesAt(pages, quota))
-	if next.Before(now) {
-		return 0, now
+	if earliest := now.Add(-maxPaceCredit); next.Before(earliest) {
+		next = earliest
+	}
+	if !next.After(now) {
+		return 0, next
 	}
 	d := min(next.Sub(now), maxPacedSleep)
 	return d, now.Add(d)
 }
+
+// maxPaceCredit is how far behind its quota a paced vCPU may be and catch up: at most 5% of a
+// 1 s period's worth at the quota.
+const maxPaceCredit = 50 * time.Millisecond

@@ -95,10 +95,14 @@ func TestPace(t *testing.T) {
 	}{
 		// 16 MiB at 100 MiB/s is 160 ms; 11 ms of it were spent filling the ring.
 		{"fast vCPU sleeps the rest", ms(11), t0, 4096, 100, 149 * time.Millisecond, ms(160)},
-		{"slow vCPU does not sleep", ms(500), t0, 4096, 100, 0, ms(500)},
+		// 340 ms behind: it keeps 50 ms of credit, no more.
+		{"slow vCPU does not sleep", ms(500), t0, 4096, 100, 0, ms(450)},
+		// 20 ms behind (a host stall, exits near its top speed): all of it is credit.
+		{"a little behind keeps its credit", ms(180), t0, 4096, 100, 0, ms(160)},
+		{"credit is spent first", ms(170), ms(150), 256, 100, 0, ms(160)},
 		// The last sleep overran by 5 ms (woke at 165): this one is 5 ms shorter.
 		{"overrun paid back", ms(176), ms(160), 4096, 100, 144 * time.Millisecond, ms(320)},
-		{"no pages no sleep", ms(10), t0, 0, 100, 0, ms(10)},
+		{"no pages no sleep", ms(10), t0, 0, 100, 0, t0},
 		{"one MiB at 1 MiB/s", t0, t0, 256, 1, time.Second, ms(1000)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

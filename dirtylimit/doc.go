@@ -20,20 +20,17 @@
 // the reference: a per-vCPU sleep adjusted once a period, with a ring-full time taken from a
 // high-water mark of rates that is never reset (so a vCPU that slows down, or shares the machine
 // with a faster one, keeps a wrong ring-full time), a 25 MB/s dead band and a fixed step of a
-// tenth of the ring-full time near the quota (which crawls). Migvisor, the default, paces each
-// ring instead: at a ring-full event it reads how many pages the vCPU dirtied since it was last
+// tenth of the ring-full time near the quota (which crawls). Migvisor, the default, paces in
+// steps of a MiB instead of a ring (it asks the machine for a ring-full event every 256 pages,
+// see SetRingFullPages): at each event it reads how many pages the vCPU dirtied since it was last
 // released and sleeps until those pages, at the quota, are paid for. It needs no model and no
-// period to settle: the first ring is already paced, and a sleep that overran or a counter read late
-// is paid back at the next ring because the release time carries over. The periods then only
-// report (current-rate, and the sleep per ring for query-migrate).
+// period to settle: the first MiB is already paced, and a sleep that overran or a counter read
+// late is paid back at the next event because the release time carries over; a vCPU that fell
+// behind keeps at most 50 ms of credit. The periods then only report (current-rate, and the sleep
+// per event for query-migrate).
 //
-// The rate a period can show is quantised by the ring: a vCPU drains in bursts of one ring
-// (16 MiB for 4096 entries), so a 1 s period at 50 MB/s holds 3 or 4 rings (48 or 64 MB/s) however
-// the penalty is chosen; the mean over periods is the quota.
-//
-// One ring-full costs at most 2 s with migvisor's algorithm (QEMU's caps at 99 ring-full times),
-// so quotas under a ring per 2 s (8 MB/s with 4096 entries) are not reached, and a stop of the
-// machine waits at most that long for a sleeping vCPU. Any change of limits, Wake and Close cut
-// every penalty being slept short; call Wake before pausing the machine so that no sleeping vCPU
+// One event costs at most 2 s (QEMU's caps at 99 ring-full times), so a stop of the machine
+// waits at most that long for a sleeping vCPU. Any change of limits, Wake and Close cut every
+// penalty being slept short; call Wake before pausing the machine so that no sleeping vCPU
 // holds the pause up.
 package dirtylimit
