@@ -49,7 +49,7 @@
 //
 // All integers are big-endian.
 //
-//	header   "MIGVISOR" | u32 version (1) | u32 flags (bit 0: return path)
+//	header   "MIGVISOR" | u32 version (1) | u32 flags (bit 0: return path; bit 1: the source guest was stopped)
 //	         | u64 memory size | u32 vCPUs | u32 page size (4096)
 //	         | u32 n | n bytes workloads description | u32 CRC32C of all the above
 //	records  any number of:

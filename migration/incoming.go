@@ -110,6 +110,8 @@ type incomingRun struct {
 	addrs   []SocketAddress
 	conn    inConn
 	dec     *Decoder
+	// sourceStopped is the header's FlagSourceStopped: the guest stays paused once loaded.
+	sourceStopped bool
 }
 
 func (d *incomingRun) setState(s string) {
@@ -199,7 +201,7 @@ func (d *incomingRun) receive() error {
 	}
 	c.Close()
 	mach := d.m.cfg.Machine
-	if auto := d.m.cfg.Autostart; auto == nil || auto() {
+	if auto := d.m.cfg.Autostart; !d.sourceStopped && (auto == nil || auto()) {
 		if err := mach.Resume(); err != nil {
 			return err
 		}
@@ -218,7 +220,8 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 		return err
 	}
 	*returnPath = canReply && h.Flags&FlagReturnPath != 0
-	if h.Flags&^FlagReturnPath != 0 {
+	d.sourceStopped = h.Flags&FlagSourceStopped != 0
+	if h.Flags&^(FlagReturnPath|FlagSourceStopped) != 0 {
 		return streamErr("unknown header flags %#x", h.Flags)
 	}
 	mem := mach.Memory()

@@ -700,3 +700,24 @@ func TestMissedPagesFailTheMigration(t *testing.T) {
 	wait(t, dst.mig.IncomingDone())
 	require.Equal(t, RunInmigrate, dst.m.RunState())
 }
+
+// A guest that was stopped on the source stays stopped on the destination, as QEMU carries the
+// run state over; a running one runs.
+func TestSourceRunStateCarriesOver(t *testing.T) {
+	for _, tc := range []struct {
+		src, want string
+	}{{RunPaused, RunPaused}, {"prelaunch", RunPaused}, {RunRunning, RunRunning}} {
+		t.Run(tc.src, func(t *testing.T) {
+			src, dst := newSource(t, 64, 1, true), newDest(t, 64, 1)
+			src.m.SetRunState(tc.src)
+			uri := "unix:" + sockPath(t)
+			require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
+			require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+			wait(t, src.mig.Done())
+			wait(t, dst.mig.IncomingDone())
+			require.Equal(t, "completed", query(t, src.mig)["status"])
+			require.Equal(t, tc.want, dst.m.RunState())
+			require.Equal(t, src.m.mem, dst.m.mem)
+		})
+	}
+}

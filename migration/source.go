@@ -268,6 +268,9 @@ func (r *sourceRun) precopy() error {
 	if rp != nil {
 		flags = FlagReturnPath
 	}
+	if mach.RunState() != RunRunning {
+		flags |= FlagSourceStopped
+	}
 	mem := mach.Memory()
 	s := &sender{
 		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,

@@ -33,6 +33,9 @@ const (
 	// FlagReturnPath in the header asks the destination to answer on the same connection
 	// (acknowledge the verified state, then wait for the go-ahead before it runs the guest).
 	FlagReturnPath = 0x1
+	// FlagSourceStopped says the source's guest was not running when the migration started
+	// (stop, -S): the destination then leaves it paused, as QEMU carries the run state over.
+	FlagSourceStopped = 0x2
 
 	rpAck    = 'A'
 	rpRefuse = 'R'
