@@ -65,6 +65,8 @@ type Limiter struct {
 
 	mu        sync.Mutex
 	cpus      []vcpu
+	userQuota []uint64 // set-vcpu-dirty-limit's quota per vCPU, MiB/s (0: none)
+	migQuota  uint64   // the migration's quota for every vCPU (0: none)
 	limited   int
 	migrating bool          // a dirty-limit migration runs: user Set/Cancel are refused
 	period    time.Duration // the measurement period
@@ -79,12 +81,13 @@ type Limiter struct {
 // (RingFull) on m.
 func NewLimiter(m Machine, opt Options) *Limiter {
 	l := &Limiter{
-		m:      m,
-		alg:    opt.Algorithm,
-		clk:    opt.clock(),
-		cpus:   make([]vcpu, m.NumCPUs()),
-		period: defaultPeriod,
-		wake:   make(chan struct{}),
+		m:         m,
+		alg:       opt.Algorithm,
+		clk:       opt.clock(),
+		cpus:      make([]vcpu, m.NumCPUs()),
+		userQuota: make([]uint64, m.NumCPUs()),
+		period:    defaultPeriod,
+		wake:      make(chan struct{}),
 	}
 	m.SetRingFullHook(l.RingFull)
 	if fp, ok := m.(ringFullPager); ok {
@@ -119,11 +122,12 @@ func (l *Limiter) Set(cpuIndex *int64, rate uint64) error { return l.set(cpuInde
 // Cancel is cancel-vcpu-dirty-limit. Without a ring it does nothing, as QEMU.
 func (l *Limiter) Cancel(cpuIndex *int64) error { return l.cancel(cpuIndex, false) }
 
-// SetAll is the migration thread's set: every vCPU gets rate (0 cancels), and a running migration
-// does not refuse it.
+// SetAll is the migration thread's set: every vCPU is held to at most rate (0 lifts it), over
+// whatever the user set, and a running migration does not refuse it. A vCPU the user limited
+// more tightly keeps the user's quota.
 func (l *Limiter) SetAll(rate uint64) error { return l.set(nil, rate, true) }
 
-// CancelAll is the migration thread's cancel of every vCPU's limit.
+// CancelAll lifts the migration's limit: every vCPU is back to what the user set, if anything.
 func (l *Limiter) CancelAll() { l.cancel(nil, true) }
 
 func (l *Limiter) set(cpuIndex *int64, rate uint64, migration bool) error {
@@ -143,22 +147,19 @@ func (l *Limiter) set(cpuIndex *int64, rate uint64, migration bool) error {
 		return l.cancel(cpuIndex, migration)
 	}
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if !migration && l.refusedLocked() {
+		l.mu.Unlock()
 		return generic(descSetMigrating)
 	}
 	if l.closed {
+		l.mu.Unlock()
 		return generic(descClosed)
 	}
-	if l.stop == nil {
-		l.startLocked()
-	}
-	if cpuIndex != nil {
-		l.enableLocked(int(*cpuIndex), rate)
-	} else {
-		for i := range l.cpus {
-			l.enableLocked(i, rate)
-		}
+	l.setQuotaLocked(cpuIndex, rate, migration)
+	done := l.applyLocked()
+	l.mu.Unlock()
+	if done != nil {
+		<-done
 	}
 	return nil
 }
@@ -175,25 +176,57 @@ func (l *Limiter) cancel(cpuIndex *int64, migration bool) error {
 		l.mu.Unlock()
 		return generic(descCancelMigrating)
 	}
-	if l.stop == nil {
-		l.mu.Unlock()
-		return nil
-	}
-	if cpuIndex != nil {
-		l.disableLocked(int(*cpuIndex))
-	} else {
-		for i := range l.cpus {
-			l.disableLocked(i)
-		}
-	}
-	var done chan struct{}
-	if l.limited == 0 {
-		done = l.stopLocked()
-	}
+	l.setQuotaLocked(cpuIndex, 0, migration)
+	done := l.applyLocked()
 	l.wakeLocked()
 	l.mu.Unlock()
 	if done != nil {
 		<-done
+	}
+	return nil
+}
+
+// setQuotaLocked records a quota (0: none) of the user's, for one vCPU or all, or the migration's.
+func (l *Limiter) setQuotaLocked(cpuIndex *int64, rate uint64, migration bool) {
+	switch {
+	case migration:
+		l.migQuota = rate
+	case cpuIndex != nil:
+		l.userQuota[*cpuIndex] = rate
+	default:
+		for i := range l.userQuota {
+			l.userQuota[i] = rate
+		}
+	}
+}
+
+// applyLocked makes every vCPU's limit the tighter of the user's and the migration's quotas,
+// putting the limiter in or out of service as needed. It returns a channel to wait on, outside
+// the lock, when the loop is being stopped.
+func (l *Limiter) applyLocked() chan struct{} {
+	quota := func(i int) uint64 {
+		u, m := l.userQuota[i], l.migQuota
+		if u == 0 || (m != 0 && m < u) {
+			return m
+		}
+		return u
+	}
+	limit := false
+	for i := range l.cpus {
+		limit = limit || quota(i) != 0
+	}
+	if limit && l.stop == nil {
+		l.startLocked()
+	}
+	for i := range l.cpus {
+		if q := quota(i); q != 0 {
+			l.enableLocked(i, q)
+		} else {
+			l.disableLocked(i)
+		}
+	}
+	if l.limited == 0 && l.stop != nil {
+		return l.stopLocked()
 	}
 	return nil
 }
@@ -442,6 +475,8 @@ func (l *Limiter) Wake() {
 func (l *Limiter) Close() error {
 	l.mu.Lock()
 	l.closed = true
+	clear(l.userQuota)
+	l.migQuota = 0
 	for i := range l.cpus {
 		l.disableLocked(i)
 	}

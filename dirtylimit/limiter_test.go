@@ -130,10 +130,15 @@ func TestMigrationRefusesUserRequests(t *testing.T) {
 		{name: "cancel index before migration", cancel: true, cpu: idx(2), err: descCPUIndex},
 	})
 	require.NoError(t, l.SetAll(30), "the migration's own set passes")
-	require.Equal(t, []Info{lim(0, 30), lim(1, 30)}, l.Query())
+	require.Equal(t, []Info{lim(0, 10), lim(1, 30)}, l.Query(), "the user's tighter limit holds")
+	require.NoError(t, l.SetAll(5))
+	require.Equal(t, []Info{lim(0, 5), lim(1, 5)}, l.Query(), "the migration's tighter limit holds")
 	l.CancelAll()
-	require.False(t, l.InService())
+	require.Equal(t, []Info{lim(0, 10)}, l.Query(), "the user's limit is back as it was")
+	require.True(t, l.InService())
 	l.SetMigrationActive(false)
+	require.NoError(t, l.Cancel(nil))
+	require.False(t, l.InService())
 	require.NoError(t, l.Set(nil, 5))
 	require.NoError(t, l.Cancel(nil))
 }

@@ -106,15 +106,13 @@ func (r *sourceRun) stopThrottle() {
 	r.mu.Unlock()
 }
 
-// dirtyLimitGuest is migration_dirty_limit_guest: every vCPU gets vcpu-dirty-limit, re-applied
-// when the parameter changed. Limits the user set (before the migration, or during it while
-// none was in service) are left alone, where QEMU would overwrite them.
+// dirtyLimitGuest is migration_dirty_limit_guest: every vCPU is held to vcpu-dirty-limit,
+// re-applied when the parameter changed. The limiter layers it over the user's limits (a vCPU
+// keeps the tighter of the two), and lifting it at the end gives the user's back as they were,
+// where QEMU overwrites them and leaves its own in place.
 func (r *sourceRun) dirtyLimitGuest(p Parameters) {
 	l := r.m.cfg.Limiter
-	if !r.dlApplied && l.InService() {
-		return
-	}
-	if r.dlApplied && r.dlQuota == p.VCPUDirtyLimit && l.InService() {
+	if r.dlApplied && r.dlQuota == p.VCPUDirtyLimit {
 		return
 	}
 	if err := l.SetAll(p.VCPUDirtyLimit); err != nil {

@@ -62,18 +62,22 @@ func TestMigrateMachine(t *testing.T) {
 	}
 	for _, accel := range accels {
 		for _, cfg := range []struct {
-			name   string
-			caps   []CapabilityState
-			params string
+			name      string
+			caps      []CapabilityState
+			params    string
+			userLimit uint64 // MB/s set with set-vcpu-dirty-limit before migrating
 		}{
-			{"fast link", nil, `{"max-bandwidth": 268435456, "downtime-limit": 100}`},
+			{"fast link", nil, `{"max-bandwidth": 268435456, "downtime-limit": 100}`, 0},
 			// The guest dirties far more than the link carries: only the throttle, served on
 			// the vCPU threads through the machine's hook, lets it converge.
 			{"auto-converge", caps("auto-converge", true),
-				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "cpu-throttle-initial": 99}`},
+				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "cpu-throttle-initial": 99}`, 0},
 			// The same with the dirty limit: every vCPU held to 1 MB/s.
 			{"dirty-limit", caps("dirty-limit", true),
-				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 250}`},
+				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 250}`, 0},
+			// A looser limit of the user's does not stop the migration's, and is back afterwards.
+			{"dirty-limit over the user's", caps("dirty-limit", true),
+				`{"max-bandwidth": 16777216, "downtime-limit": 100, "throttle-trigger-threshold": 1, "vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 250}`, 400},
 		} {
 			t.Run(accel+"/"+cfg.name, func(t *testing.T) {
 				sm, dm := newVMM(t, accel, vmm.Running), newVMM(t, accel, vmm.InMigrate)
@@ -82,6 +86,9 @@ func TestMigrateMachine(t *testing.T) {
 				// The source's check of memory at the stop puts the machine's dirty log under test too.
 				src := New(Config{Machine: vmmMachine{sm, lim}, Limiter: lim, DirtyRing: true, Logf: t.Logf})
 				dst := New(Config{Machine: vmmMachine{dm, nil}, Incoming: true, Autostart: func() bool { return false }, Logf: t.Logf})
+				if cfg.userLimit != 0 {
+					require.NoError(t, lim.Set(nil, cfg.userLimit))
+				}
 				require.NoError(t, src.SetCapabilities(cfg.caps))
 				require.NoError(t, src.SetParameters(setParams(t, cfg.params)))
 				time.Sleep(50 * time.Millisecond) // let the workloads dirty their regions
@@ -94,7 +101,17 @@ func TestMigrateMachine(t *testing.T) {
 				require.Equal(t, StatusCompleted, q.Status, q.ErrorDesc)
 				t.Logf("%s: total %d ms, downtime %d ms, %d syncs, %d normal pages, %.0f Mbit/s",
 					cfg.name, *q.TotalTime, *q.Downtime, q.RAM.DirtySyncCount, q.RAM.Normal, q.RAM.Mbps)
-				require.Empty(t, lim.Query(), "the limits the migration set are lifted")
+				want := []dirtylimit.Info{}
+				if cfg.userLimit != 0 {
+					for i := range sm.NumCPUs() {
+						want = append(want, dirtylimit.Info{CPUIndex: int64(i), LimitRate: cfg.userLimit})
+					}
+				}
+				got := lim.Query()
+				for i := range got {
+					got[i].CurrentRate = 0
+				}
+				require.Equal(t, want, got, "the limits the migration set are lifted, the user's kept")
 				require.Equal(t, vmm.PostMigrate, sm.RunState())
 				require.Equal(t, vmm.Paused, dm.RunState())
 				require.True(t, string(sm.Memory()) == string(dm.Memory()), "memories differ")
