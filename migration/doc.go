@@ -31,10 +31,9 @@
 // through the machine's hook) or, with the dirty-limit capability, by giving every vCPU the
 // vcpu-dirty-limit with period x-vcpu-dirty-limit-period. With auto-converge a sync also
 // happens at least every 5 s after the first pass, so that the throttle reacts inside long
-// passes. Unlike QEMU, limits the migration
-// set are lifted when it ends whatever the outcome, and limits the user set (before the
-// migration, or during it while none was in service) are left as they were: the migration
-// neither overrides nor cancels them.
+// passes. Unlike QEMU, the migration's limit is layered over the user's (each vCPU keeps the
+// tighter of the two) and lifted when the migration ends whatever the outcome, which gives the
+// user's limits back as they were.
 //
 // # Transports
 //
