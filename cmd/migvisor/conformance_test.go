@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/migvisor/migvisor/qmp/qmptest"
+	"github.com/migvisor/migvisor/schema"
 	"github.com/migvisor/migvisor/vmm/kvm"
 )
 
@@ -271,4 +272,12 @@ func TestConformanceMigration(t *testing.T) {
 			players["dst"].Rest()
 		})
 	}
+}
+
+// Every command of the schema has a handler and every handler a schema entry: newDaemon refuses
+// to build otherwise, and this names what is missing.
+func TestSchemaAndHandlersAgree(t *testing.T) {
+	p := startInProcess(t, ringMachine...)
+	require.Empty(t, p.d.srv.Missing())
+	require.NotEmpty(t, schema.Default().CommandNames())
 }
