@@ -442,7 +442,10 @@ func (s *sender) iterate() error {
 			s.sync()
 			pending = int64(s.dirty) * PageSize
 		}
-		if pending == 0 || pending < s.threshold {
+		// A guest that is not running (stopped before the migration) dirties nothing: send it
+		// all before the switch-over, which then carries only the vCPU state, rather than
+		// leaving a threshold's worth to the downtime as QEMU does.
+		if pending == 0 || (pending < s.threshold && s.mach.RunState() == RunRunning) {
 			return nil
 		}
 		if err := s.send(time.Now().Add(maxIterWait), true); err != nil {
