@@ -12,20 +12,36 @@ const DevicePath = "/dev/kvm"
 
 // ioctl issues one ioctl and names it in the error.
 func ioctl(fd int, req uintptr, arg uintptr, name string) (uintptr, error) {
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
-	if errno != 0 {
-		return 0, opError(name, errno)
-	}
-	return r, nil
+	return retried(req, name, func() (uintptr, unix.Errno) {
+		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, arg)
+		return r, errno
+	})
 }
 
-// ioctlPtr is ioctl with a pointer argument kept alive across the call.
+// ioctlPtr is ioctl with a pointer argument: converted within the syscall's own argument list,
+// so that it stays valid for the call.
 func ioctlPtr(fd int, req uintptr, arg unsafe.Pointer, name string) (uintptr, error) {
-	r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
-	if errno != 0 {
-		return 0, opError(name, errno)
+	return retried(req, name, func() (uintptr, unix.Errno) {
+		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+		return r, errno
+	})
+}
+
+// retried issues call until it is not interrupted. A signal (the Go runtime's SIGURG, a kick
+// meant for another thread) can cut a slow ioctl such as KVM_CREATE_VM short before it did
+// anything: it is asked again, as QEMU does. KVM_RUN's EINTR is the kick itself and goes to
+// the caller.
+func retried(req uintptr, name string, call func() (uintptr, unix.Errno)) (uintptr, error) {
+	for {
+		r, errno := call()
+		switch {
+		case errno == unix.EINTR && req != ioctlRun:
+			continue
+		case errno != 0:
+			return 0, opError(name, errno)
+		}
+		return r, nil
 	}
-	return r, nil
 }
 
 // System is an open /dev/kvm.
