@@ -44,6 +44,14 @@ func newDest(t *testing.T, pages, cpus int) *end {
 	return e
 }
 
+// migrateTo migrates src to dst, already listening on uri, and waits for both ends to finish.
+func migrateTo(t *testing.T, src, dst *end, uri string) {
+	t.Helper()
+	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+	wait(t, src.mig.Done())
+	wait(t, dst.mig.IncomingDone())
+}
+
 func sockPath(t *testing.T) string {
 	dir, err := os.MkdirTemp("", "mig")
 	require.NoError(t, err)
@@ -99,9 +107,7 @@ func TestMigrateIdleGuest(t *testing.T) {
 		"socket-address": []any{map[string]any{"type": "unix", "path": strings.TrimPrefix(uri, "unix:")}}},
 		query(t, dst.mig))
 	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}), "The incoming migration has already been started")
-	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-	wait(t, src.mig.Done())
-	wait(t, dst.mig.IncomingDone())
+	migrateTo(t, src, dst, uri)
 
 	require.Equal(t, []string{"MIGRATION setup", "MIGRATION_PASS 1", "MIGRATION active", "STOP",
 		"MIGRATION device", "MIGRATION_PASS 2", "MIGRATION completed"}, src.m.events.list())
@@ -182,9 +188,7 @@ func TestMigrateBusyGuest(t *testing.T) {
 	uri := "unix:" + sockPath(t)
 	require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
 	require.NoError(t, src.mig.SetParameters(setParams(t, `{"max-bandwidth": 0}`)))
-	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-	wait(t, src.mig.Done())
-	wait(t, dst.mig.IncomingDone())
+	migrateTo(t, src, dst, uri)
 	require.Equal(t, "completed", query(t, src.mig)["status"])
 	require.Equal(t, src.m.mem, dst.m.mem)
 	require.Equal(t, RunRunning, dst.m.RunState())
@@ -200,9 +204,7 @@ func migrateThrottled(t *testing.T, src *end, capName string, params string) *en
 	require.NoError(t, src.mig.SetParameters(setParams(t, params)))
 	uri := "unix:" + sockPath(t)
 	require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
-	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-	wait(t, src.mig.Done())
-	wait(t, dst.mig.IncomingDone())
+	migrateTo(t, src, dst, uri)
 	require.Equal(t, "completed", query(t, src.mig)["status"])
 	require.Equal(t, src.m.mem, dst.m.mem)
 	return dst
@@ -337,9 +339,7 @@ func requireSourceIntact(t *testing.T, src *end, status string, resumed bool) {
 	uri := "unix:" + sockPath(t)
 	require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
 	require.NoError(t, src.mig.SetParameters(setParams(t, `{"max-bandwidth": 0}`)))
-	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-	wait(t, src.mig.Done())
-	wait(t, dst.mig.IncomingDone())
+	migrateTo(t, src, dst, uri)
 	require.Equal(t, "completed", query(t, src.mig)["status"])
 	require.Equal(t, src.m.mem, dst.m.mem)
 }
@@ -716,9 +716,7 @@ func TestSourceRunStateCarriesOver(t *testing.T) {
 			src.m.SetRunState(tc.src)
 			uri := "unix:" + sockPath(t)
 			require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
-			require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-			wait(t, src.mig.Done())
-			wait(t, dst.mig.IncomingDone())
+			migrateTo(t, src, dst, uri)
 			q := query(t, src.mig)
 			require.Equal(t, "completed", q["status"])
 			require.Equal(t, tc.want, dst.m.RunState())
