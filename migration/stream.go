@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"net"
 	"sync"
 )
 
@@ -88,26 +89,72 @@ type Record struct {
 }
 
 // Encoder writes a stream. It counts every byte it accepts, for statistics and rate limiting.
+// Small records gather in a buffer; a page payload goes from guest memory to the transport
+// without a copy, in one writev with what is buffered when the transport is a socket.
 type Encoder struct {
-	w   *bufio.Writer
-	n   int64
-	hdr [32]byte
+	w    io.Writer
+	conn net.Conn // w's socket, when it has one
+	buf  []byte
+	n    int64
+	hdr  [32]byte
 }
 
-// NewEncoder buffers writes to w.
+const (
+	encBufSize = 64 << 10
+	// Payloads at least this long are not copied into the buffer.
+	directMin = 16 << 10
+)
+
+// NewEncoder buffers writes to w. A w with a NetConn method (as crypto/tls.Conn has) gets
+// header and payload in one system call.
 func NewEncoder(w io.Writer) *Encoder {
-	return &Encoder{w: bufio.NewWriterSize(w, 1<<20)}
+	e := &Encoder{w: w, buf: make([]byte, 0, encBufSize)}
+	if nc, ok := w.(interface{ NetConn() net.Conn }); ok {
+		e.conn = nc.NetConn()
+	}
+	return e
 }
 
 // Written is the number of bytes written so far (buffered or not).
 func (e *Encoder) Written() int64 { return e.n }
 
 // Flush pushes buffered bytes to the transport.
-func (e *Encoder) Flush() error { return e.w.Flush() }
+func (e *Encoder) Flush() error {
+	if len(e.buf) == 0 {
+		return nil
+	}
+	_, err := e.w.Write(e.buf)
+	e.buf = e.buf[:0]
+	return err
+}
 
 func (e *Encoder) write(b []byte) error {
-	n, err := e.w.Write(b)
-	e.n += int64(n)
+	if len(b) >= directMin {
+		return e.writeDirect(b)
+	}
+	if len(e.buf)+len(b) > cap(e.buf) {
+		if err := e.Flush(); err != nil {
+			return err
+		}
+	}
+	e.buf = append(e.buf, b...)
+	e.n += int64(len(b))
+	return nil
+}
+
+// writeDirect sends what is buffered, then b, without copying b.
+func (e *Encoder) writeDirect(b []byte) error {
+	var err error
+	if e.conn != nil {
+		vec := net.Buffers{e.buf, b}
+		_, err = vec.WriteTo(e.conn)
+		e.buf = e.buf[:0]
+	} else if err = e.Flush(); err == nil {
+		_, err = e.w.Write(b)
+	}
+	if err == nil {
+		e.n += int64(len(b))
+	}
 	return err
 }
 
@@ -215,10 +262,13 @@ type Decoder struct {
 	n      int64
 }
 
-// NewDecoder buffers reads from r.
+// NewDecoder buffers reads from r. The buffer is small: bufio reads a request at least its
+// size straight into the caller's slice, so page payloads land in guest memory uncopied.
 func NewDecoder(r io.Reader) *Decoder {
-	return &Decoder{r: bufio.NewReaderSize(r, 1<<20)}
+	return &Decoder{r: bufio.NewReaderSize(r, decBufSize)}
 }
+
+const decBufSize = 8 << 10
 
 func (d *Decoder) full(b []byte) error {
 	n, err := io.ReadFull(d.r, b)
@@ -327,7 +377,12 @@ func (d *Decoder) Next(mem []byte) (Record, error) {
 		}
 		span := mem[first*PageSize : (first+uint64(count))*PageSize]
 		if flags&ramZero != 0 {
-			clear(span)
+			// Writing only the pages that are not zero yet leaves fresh memory unfaulted.
+			for p := 0; p < len(span); p += PageSize {
+				if pg := span[p : p+PageSize]; !isZero(pg) {
+					clear(pg)
+				}
+			}
 			return Record{Kind: KindZeroPages, First: first, Count: count}, nil
 		}
 		if err := d.full(span); err != nil {
@@ -443,6 +498,9 @@ func PageSums(mem []byte) []uint32 {
 
 // PageSum is one page's checksum in the digest.
 func PageSum(page []byte) uint32 { return crc32.Checksum(page, castagnoli) }
+
+// isZero tells whether a page is all zero bytes.
+func isZero(page []byte) bool { return string(page) == string(zeroPage[:]) }
 
 // zeroPageSum is PageSum of a zero page.
 var zeroPageSum = PageSum(zeroPage[:])

@@ -149,6 +149,7 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		if err != nil {
 			return nil, fmt.Errorf("failed to connect to '%s': %w", a, err)
 		}
+		setSockBuf(c)
 		return &sockOut{c}, nil
 	case "file":
 		flags := os.O_WRONLY | os.O_CREATE
@@ -180,9 +181,10 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 
 type sockOut struct{ net.Conn }
 
-func (s *sockOut) reply() io.Reader { return s.Conn }
-func (s *sockOut) finish() error    { return s.Conn.Close() }
-func (s *sockOut) abort()           { s.Conn.Close() }
+func (s *sockOut) NetConn() net.Conn { return s.Conn } // for the encoder's writev
+func (s *sockOut) reply() io.Reader  { return s.Conn }
+func (s *sockOut) finish() error     { return s.Conn.Close() }
+func (s *sockOut) abort()            { s.Conn.Close() }
 
 type fileOut struct {
 	f    *os.File
@@ -297,7 +299,23 @@ func (s *sockListener) accept() (inConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	setSockBuf(c)
 	return sockIn{c}, nil
+}
+
+// sockBuf is asked of the kernel for both ends' socket buffers (it grants up to its
+// net.core.[rw]mem_max). The default, some 200 KiB, holds less than a page run and its
+// checksums take, so sender and receiver would take turns instead of working at once.
+const sockBuf = 4 << 20
+
+func setSockBuf(c net.Conn) {
+	if b, ok := c.(interface {
+		SetReadBuffer(int) error
+		SetWriteBuffer(int) error
+	}); ok {
+		b.SetReadBuffer(sockBuf)
+		b.SetWriteBuffer(sockBuf)
+	}
 }
 func (s *sockListener) Close() error { return s.l.Close() }
 func (s *sockListener) addresses() []SocketAddress {
