@@ -64,14 +64,18 @@
 //
 // The digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of guest
 // memory as the source had it when it stopped. Each end keeps the checksum of every page as
-// it goes out (computed on the very bytes sent) or comes in. At the stop, once the last sync
-// is done, memory no longer changes: the source rereads every page the final send does not
+// it goes out or comes in. Pages go from guest memory to the transport uncopied: one the guest
+// changes between its checksum and its send was reported dirty and goes again, and any other
+// difference between what was summed and what arrived fails the digest. At the stop, once the
+// last sync is done, memory no longer changes: the source rereads every page the final send does not
 // carry and compares it with the checksum of what was last sent of it, beside that send (on
 // all CPUs but the sender's, and on the sender's too once the rest and the vCPU state are
 // out). A page that differs is one the guest wrote without the dirty log reporting it: the
 // migration fails, naming the first such page, and the guest resumes at the source. Once the
 // check passes the digest is that of real memory at the stop, so a destination that accepts
-// it holds every byte of it. The reread loads the cache lines of the next page before it
+// it holds every byte of it. A guest none of whose vCPUs ran since the migration's dirty log
+// opened (stopped before the migration and not resumed) cannot have changed a page, and is
+// not reread. The reread loads the cache lines of the next page before it
 // checksums one, so that a pass runs at about the speed of memory rather than of one line
 // at a time (BenchmarkMemoryDigest: about 4 times faster, some 60 ms per GiB on two idle
 // cores); BenchmarkMigrateIdle and BenchmarkMigrateMachineIdle report the downtime. The

@@ -59,6 +59,7 @@ type fakeMachine struct {
 	rate    int // pages per ms per vCPU
 	loaded  []byte
 	resumes int
+	starts  int // times state became running through the Machine interface
 
 	lossy atomic.Bool // the dirty log misses every write (a broken tracker)
 
@@ -144,12 +145,18 @@ func (m *fakeMachine) Pause(to string) error {
 func (m *fakeMachine) SetRunState(to string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if to == RunRunning && m.state != RunRunning {
+		m.starts++
+	}
 	m.state = to
 }
 
 func (m *fakeMachine) Resume() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.state != RunRunning {
+		m.starts++
+	}
 	m.state = RunRunning
 	m.resumes++
 	m.events.Emit("RESUME", nil)
@@ -185,7 +192,10 @@ func (m *fakeMachine) SetRingFullHook(h func(cpu int)) {
 func (m *fakeMachine) NewDirtyLog() DirtyLog {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	l := &fakeLog{m: m, bits: make([]uint64, (len(m.mem)/PageSize+63)/64)}
+	l := &fakeLog{m: m, bits: make([]uint64, (len(m.mem)/PageSize+63)/64), starts: m.starts}
+	if m.state == RunRunning {
+		l.starts = -1
+	}
 	m.logs = append(m.logs, l)
 	return l
 }
@@ -206,8 +216,15 @@ func (m *fakeMachine) harvest() {
 }
 
 type fakeLog struct {
-	m    *fakeMachine
-	bits []uint64
+	m      *fakeMachine
+	bits   []uint64
+	starts int // m.starts when opened, -1 if the machine ran then
+}
+
+func (l *fakeLog) Quiet() bool {
+	l.m.mu.Lock()
+	defer l.m.mu.Unlock()
+	return l.m.state != RunRunning && l.m.starts == l.starts
 }
 
 func (l *fakeLog) Sync(dst []uint64) int {

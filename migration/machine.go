@@ -33,6 +33,8 @@ type DirtyLog interface {
 	// Sync harvests first, then ORs the pages dirtied since the last Sync into dst (one bit
 	// per page) and returns how many it added.
 	Sync(dst []uint64) int
+	// Quiet reports that no vCPU has run since the log opened: no page can have changed.
+	Quiet() bool
 	Close()
 }
 

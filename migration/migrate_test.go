@@ -701,6 +701,43 @@ func TestMissedPagesFailTheMigration(t *testing.T) {
 	require.Equal(t, RunInmigrate, dst.m.RunState())
 }
 
+// The check of memory at the stop is skipped only for a guest that did not run at all during
+// the migration: one resumed in the middle, whose writes the (broken) dirty log misses, fails.
+func TestStoppedGuestIsCheckedOnceItRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		resume bool
+		want   string
+	}{{"stopped throughout", false, "completed"}, {"resumed during the migration", true, "failed"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			src, dst := newSource(t, 8192, 1, false), newDest(t, 8192, 1)
+			fill(src.m.mem)
+			src.m.lossy.Store(true)
+			src.m.start(4, 512)
+			src.m.SetRunState(RunPaused)
+			require.NoError(t, src.mig.SetParameters(setParams(t, `{"max-bandwidth": 16777216}`)))
+			uri := "unix:" + sockPath(t)
+			require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
+			require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+			if tc.resume {
+				require.Eventually(t, func() bool { return src.mig.Query().RAM != nil && src.mig.Query().RAM.Transferred > 0 },
+					10*time.Second, time.Millisecond)
+				require.NoError(t, src.m.Resume())
+			}
+			wait(t, src.mig.Done())
+			wait(t, dst.mig.IncomingDone())
+			q := query(t, src.mig)
+			require.Equal(t, tc.want, q["status"], q["error-desc"])
+			if tc.resume {
+				require.Contains(t, q["error-desc"], "pages changed without being reported dirty")
+				require.Equal(t, RunInmigrate, dst.m.RunState())
+			} else {
+				require.Equal(t, src.m.mem, dst.m.mem)
+			}
+		})
+	}
+}
+
 // A guest that was stopped on the source stays stopped on the destination, as QEMU carries the
 // run state over; a running one runs.
 func TestSourceRunStateCarriesOver(t *testing.T) {

@@ -450,19 +450,35 @@ func (m *Machine) DirtyFailSafes() uint64 { return m.rp.failSafes.Load() }
 // DirtyLog is one consumer's view of dirtied pages (migration's bitmap): it accumulates the
 // pages dirtied from its creation on, independently of every other view.
 type DirtyLog struct {
-	r    *reaper
-	bits []uint64 // under r.mu
+	r      *reaper
+	bits   []uint64 // under r.mu
+	starts uint64   // the machine's starts when the view opened, ^0 if its vCPUs ran then
 }
 
 // NewDirtyLog opens a view that collects the pages dirtied from now on.
 func (m *Machine) NewDirtyLog() *DirtyLog {
+	m.mu.Lock()
+	starts := m.starts
+	if m.run {
+		starts = ^uint64(0)
+	}
+	m.mu.Unlock()
 	r := m.rp
 	r.syncRings() // what was dirtied before belongs to the views already open
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	d := &DirtyLog{r: r, bits: make([]uint64, (m.pages+63)/64)}
+	d := &DirtyLog{r: r, bits: make([]uint64, (m.pages+63)/64), starts: starts}
 	r.logs = append(r.logs, d)
 	return d
+}
+
+// Quiet reports that no vCPU has run since the view opened, so no page can have been
+// dirtied whatever the rings say: a consumer that checks memory against the log may skip it.
+func (d *DirtyLog) Quiet() bool {
+	m := d.r.m
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.run && m.starts == d.starts
 }
 
 // Sync harvests, then ORs the pages the view accumulated into dst (one bit per page, page 0

@@ -161,6 +161,39 @@ func TestDirtyLogsAreIndependent(t *testing.T) {
 	require.Equal(t, 9, c.Sync(bitmapFor(m)))
 }
 
+// A view is quiet while no vCPU has run since it opened, whatever run states came and went.
+func TestDirtyLogQuiet(t *testing.T) {
+	cont := func(m *Machine) error { return m.Cont() }
+	stop := func(m *Machine) error { return m.Stop() }
+	pause := func(m *Machine) error { return m.Pause(FinishMigrate) }
+	for _, tc := range []struct {
+		name          string
+		initial       RunState
+		before, after []func(m *Machine) error // run states changed before and after the view opens
+		quiet         bool
+	}{
+		{"opened in prelaunch, never run", Prelaunch, nil, []func(*Machine) error{pause}, true},
+		{"opened after a stop, stop only", Running, []func(*Machine) error{stop}, []func(*Machine) error{stop, pause}, true},
+		{"opened after a stop, cont and stop", Running, []func(*Machine) error{stop}, []func(*Machine) error{cont, stop}, false},
+		{"opened in prelaunch, running now", Prelaunch, nil, []func(*Machine) error{cont}, false},
+		{"opened running, stopped since", Running, nil, []func(*Machine) error{pause}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: tc.initial,
+				Workloads: []Workload{{Mode: ModeWrite, Size: 8 * PageSize}}})
+			for _, f := range tc.before {
+				require.NoError(t, f(m))
+			}
+			log := m.NewDirtyLog()
+			defer log.Close()
+			for _, f := range tc.after {
+				require.NoError(t, f(m))
+			}
+			require.Equal(t, tc.quiet, log.Quiet())
+		})
+	}
+}
+
 // A ring that cannot be right makes every page dirty in every view and is counted and logged.
 func TestInconsistentRingFailsSafe(t *testing.T) {
 	var mu sync.Mutex

@@ -64,9 +64,10 @@ type Machine struct {
 	mu        sync.Mutex // run state and vCPU parking
 	cond      *sync.Cond // signalled on every change under mu
 	state     RunState
-	autostart bool // cont during inmigrate: run once the migration completes
-	run       bool // vCPUs may run
-	nparked   int  // vCPUs waiting outside KVM_RUN
+	autostart bool   // cont during inmigrate: run once the migration completes
+	run       bool   // vCPUs may run
+	starts    uint64 // times run went true: a dirty log tells by it whether any vCPU ran
+	nparked   int    // vCPUs waiting outside KVM_RUN
 	closed    bool
 
 	hook atomic.Pointer[func(cpu int)]
@@ -382,6 +383,7 @@ func (m *Machine) setRunLocked(run bool) {
 	m.run = run
 	m.cond.Broadcast()
 	if run {
+		m.starts++
 		m.rp.wakeUp()
 		return
 	}
