@@ -351,7 +351,8 @@ func TestFaults(t *testing.T) {
 		requireSourceIntact(t, src, StatusFailed, false)
 	})
 	t.Run("destination dies mid-stream", func(t *testing.T) {
-		src := newSource(t, 1024, 1, false)
+		// Far more memory than the socket buffers hold: the source is still sending.
+		src := newSource(t, 8192, 1, false)
 		fill(src.m.mem)
 		uri := rawDest(t, func(c net.Conn) {
 			if d, _, err := acceptHeader(c); err == nil {
@@ -689,6 +690,8 @@ func TestMissedPagesFailTheMigration(t *testing.T) {
 	fill(src.m.mem)
 	src.m.lossy.Store(true)
 	src.m.start(4, 512)
+	// 2 MiB at 8 MiB/s: the guest writes pages already sent for a quarter of a second.
+	require.NoError(t, src.mig.SetParameters(setParams(t, `{"max-bandwidth": 8388608}`)))
 	uri := "unix:" + sockPath(t)
 	require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
 	require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))

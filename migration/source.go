@@ -390,6 +390,7 @@ type sender struct {
 	// sums holds the checksum of what was last sent of each page (every page is sent in the
 	// first pass); at the stop it is checked against memory, then digested.
 	sums []uint32
+	zero [runPages]bool // writeRun's: which pages of the run are zero
 
 	winStart   time.Time
 	winBytes   int64
@@ -599,25 +600,31 @@ func (s *sender) nextRun() (int, int) {
 }
 
 func (s *sender) writeRun(first, n int) error {
-	var normal, zero int64
+	// One pass over the run, each page's lines requested a page ahead (eachPage), finds the
+	// zero pages and checksums the others. The pages then go from guest memory uncopied: one
+	// the guest changes between its checksum and its send was reported dirty and goes again,
+	// and any other difference between what was summed and what was sent fails the digest.
+	zero := s.zero[:n]
+	touched.Add(uint32(eachPage(s.mem, first, first+n, nil, func(p int, page []byte) {
+		z := s.r.zeroCheck && isZero(page)
+		zero[p-first] = z
+		if z {
+			s.sums[p] = zeroPageSum
+		} else {
+			s.sums[p] = PageSum(page)
+		}
+	})))
+	var normal, zeroes int64
 	for i := 0; i < n; {
-		j := i
-		isZero := s.zeroPage(first + i)
-		for j < n && s.zeroPage(first+j) == isZero {
+		j := i + 1
+		for j < n && zero[j] == zero[i] {
 			j++
 		}
 		var err error
-		if isZero {
-			for k := i; k < j; k++ {
-				s.sums[first+k] = zeroPageSum
-			}
+		if zero[i] {
 			err = s.enc.WriteZeroPages(uint64(first+i), j-i)
-			zero += int64(j - i)
+			zeroes += int64(j - i)
 		} else {
-			// The pages go from guest memory uncopied. A page the guest changes between its
-			// checksum and its send was reported dirty and goes again; any other difference
-			// between what was summed and what was sent fails the destination's digest.
-			touched.Add(uint32(sumChunk(s.mem, first+i, first+j, nil, func(p int, sum uint32) { s.sums[p] = sum })))
 			err = s.enc.WritePages(uint64(first+i), s.mem[(first+i)*PageSize:(first+j)*PageSize])
 			normal += int64(j - i)
 		}
@@ -627,7 +634,7 @@ func (s *sender) writeRun(first, n int) error {
 		i = j
 	}
 	s.normal += normal
-	s.duplicate += zero
+	s.duplicate += zeroes
 	s.winPages += int64(n)
 	r := s.r
 	written := s.enc.Written()
@@ -659,13 +666,6 @@ func (s *sender) sendFinal() error {
 		return s.r.ioError(err)
 	}
 	return nil
-}
-
-func (s *sender) zeroPage(p int) bool {
-	if !s.r.zeroCheck {
-		return false
-	}
-	return isZero(s.mem[p*PageSize : (p+1)*PageSize])
 }
 
 // complete is migration_completion: stop the guest, send what is left and the vCPU state
