@@ -276,6 +276,7 @@ func (r *sourceRun) precopy() error {
 		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,
 		sums: make([]uint32, len(mem)/PageSize),
 	}
+	defer s.enc.Close()
 	err = s.enc.WriteHeader(Header{Version: StreamVersion, Flags: flags, Config: MachineConfig{
 		MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
 		Workloads: r.m.cfg.Workloads,
@@ -454,7 +455,7 @@ func (s *sender) iterate() error {
 		if err := s.enc.WriteEndOfSection(uint64(s.syncCount)); err != nil {
 			return r.ioError(err)
 		}
-		if err := s.enc.Flush(); err != nil {
+		if err := s.enc.Push(); err != nil {
 			return r.ioError(err)
 		}
 	}

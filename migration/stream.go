@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // Stream constants; doc.go describes the layout.
@@ -89,73 +90,156 @@ type Record struct {
 }
 
 // Encoder writes a stream. It counts every byte it accepts, for statistics and rate limiting.
-// Small records gather in a buffer; a page payload goes from guest memory to the transport
-// without a copy, in one writev with what is buffered when the transport is a socket.
+// Small records gather in a buffer. A page payload is not copied: the encoder queues a
+// reference to it, with the records buffered before it, for its writer goroutine, which sends
+// both in one writev when the transport is a socket while the caller prepares the next run.
+// A payload must therefore stay as it is until the next Flush, or change only where the
+// caller will send it again (guest memory, whose changed pages are dirty again). The writer's
+// first error is returned by the calls after it.
 type Encoder struct {
 	w    io.Writer
 	conn net.Conn // w's socket, when it has one
 	buf  []byte
 	n    int64
 	hdr  [32]byte
+
+	queue  chan encChunk
+	spare  chan []byte // buffers the writer is done with
+	failed atomic.Pointer[error]
+	closed bool
+}
+
+// encChunk is one write for the writer goroutine.
+type encChunk struct {
+	small   []byte     // buffered records, handed back through spare once written
+	payload []byte     // a payload, written after small
+	flushed chan error // answered once everything queued before is written
 }
 
 const (
 	encBufSize = 64 << 10
-	// Payloads at least this long are not copied into the buffer.
+	// Payloads at least this long are queued by reference rather than copied.
 	directMin = 16 << 10
+	// encQueue chunks may wait for the writer: enough to keep it busy while the caller
+	// checksums the next run, few enough to keep the byte count near what was sent.
+	encQueue = 4
 )
 
-// NewEncoder buffers writes to w. A w with a NetConn method (as crypto/tls.Conn has) gets
-// header and payload in one system call.
+// NewEncoder starts a writer for w; Close stops it. A w with a NetConn method (as
+// crypto/tls.Conn has) gets records and payload in one system call.
 func NewEncoder(w io.Writer) *Encoder {
-	e := &Encoder{w: w, buf: make([]byte, 0, encBufSize)}
+	e := &Encoder{w: w, buf: make([]byte, 0, encBufSize), queue: make(chan encChunk, encQueue),
+		spare: make(chan []byte, encQueue+1)}
 	if nc, ok := w.(interface{ NetConn() net.Conn }); ok {
 		e.conn = nc.NetConn()
 	}
+	for range encQueue + 1 {
+		e.spare <- make([]byte, 0, encBufSize)
+	}
+	go e.writer()
 	return e
 }
 
-// Written is the number of bytes written so far (buffered or not).
+func (e *Encoder) writer() {
+	var err error
+	for c := range e.queue {
+		if err == nil {
+			err = e.send(c.small, c.payload)
+			if err != nil {
+				e.failed.Store(&err)
+			}
+		}
+		if c.small != nil {
+			e.spare <- c.small[:0]
+		}
+		if c.flushed != nil {
+			c.flushed <- err
+		}
+	}
+}
+
+func (e *Encoder) send(small, payload []byte) error {
+	if e.conn != nil {
+		vec := net.Buffers{small, payload}
+		_, err := vec.WriteTo(e.conn)
+		return err
+	}
+	for _, b := range [][]byte{small, payload} {
+		if len(b) > 0 {
+			if _, err := e.w.Write(b); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Written is the number of bytes accepted so far (written or queued).
 func (e *Encoder) Written() int64 { return e.n }
 
-// Flush pushes buffered bytes to the transport.
-func (e *Encoder) Flush() error {
-	if len(e.buf) == 0 {
-		return nil
+func (e *Encoder) err() error {
+	if p := e.failed.Load(); p != nil {
+		return *p
 	}
-	_, err := e.w.Write(e.buf)
-	e.buf = e.buf[:0]
-	return err
+	return nil
+}
+
+// enqueue hands the buffer and payload to the writer and takes a fresh buffer.
+func (e *Encoder) enqueue(payload []byte) error {
+	if err := e.err(); err != nil {
+		return err
+	}
+	e.queue <- encChunk{small: e.buf, payload: payload}
+	e.buf = <-e.spare
+	return nil
+}
+
+// Push hands what is buffered to the writer without waiting for it.
+func (e *Encoder) Push() error {
+	if len(e.buf) == 0 {
+		return e.err()
+	}
+	return e.enqueue(nil)
+}
+
+// Flush pushes, then waits until every accepted byte is written.
+func (e *Encoder) Flush() error {
+	if err := e.Push(); err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	e.queue <- encChunk{flushed: done}
+	return <-done
+}
+
+// Close stops the writer once it has written what is queued, without waiting for it: a
+// writer blocked on a transport that is not read returns when the transport is closed.
+func (e *Encoder) Close() {
+	if !e.closed {
+		e.closed = true
+		close(e.queue)
+	}
 }
 
 func (e *Encoder) write(b []byte) error {
+	if err := e.err(); err != nil {
+		return err
+	}
 	if len(b) >= directMin {
-		return e.writeDirect(b)
+		if err := e.enqueue(b); err != nil {
+			return err
+		}
+		e.n += int64(len(b))
+		return nil
 	}
 	if len(e.buf)+len(b) > cap(e.buf) {
-		if err := e.Flush(); err != nil {
+		if err := e.Push(); err != nil {
 			return err
 		}
 	}
 	e.buf = append(e.buf, b...)
 	e.n += int64(len(b))
 	return nil
-}
-
-// writeDirect sends what is buffered, then b, without copying b.
-func (e *Encoder) writeDirect(b []byte) error {
-	var err error
-	if e.conn != nil {
-		vec := net.Buffers{e.buf, b}
-		_, err = vec.WriteTo(e.conn)
-		e.buf = e.buf[:0]
-	} else if err = e.Flush(); err == nil {
-		_, err = e.w.Write(b)
-	}
-	if err == nil {
-		e.n += int64(len(b))
-	}
-	return err
 }
 
 // WriteHeader writes magic, version, flags and the machine configuration, sealed by a CRC32C.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -18,6 +19,7 @@ func sampleStream(t testing.TB) ([]byte, []byte) {
 	}
 	var buf bytes.Buffer
 	e := NewEncoder(&buf)
+	defer e.Close()
 	require.NoError(t, e.WriteHeader(Header{Version: StreamVersion, Config: MachineConfig{
 		MemSize: uint64(len(mem)), CPUs: 2, PageSize: PageSize, Workloads: []byte("w")}}))
 	require.NoError(t, e.WritePages(1, mem[PageSize:4*PageSize]))
@@ -82,6 +84,7 @@ func TestStreamHeaderRefusals(t *testing.T) {
 	enc := func(h Header) []byte {
 		var b bytes.Buffer
 		e := NewEncoder(&b)
+		defer e.Close()
 		require.NoError(t, e.WriteHeader(h))
 		require.NoError(t, e.Flush())
 		return b.Bytes()
@@ -223,10 +226,113 @@ func BenchmarkMemoryDigest(b *testing.B) {
 func BenchmarkEncodePages(b *testing.B) {
 	mem := bytes.Repeat([]byte{1}, runPages*PageSize)
 	e := NewEncoder(io.Discard)
+	defer e.Close()
 	b.SetBytes(int64(len(mem)))
 	for b.Loop() {
 		if err := e.WritePages(0, mem); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// sockWriter is a transport whose socket the encoder writes with writev.
+type sockWriter struct{ net.Conn }
+
+func (s sockWriter) NetConn() net.Conn { return s.Conn }
+
+// failAfter accepts n bytes, then fails every write.
+type failAfter struct{ n int }
+
+var errTransport = errors.New("transport broke")
+
+func (f *failAfter) Write(b []byte) (int, error) {
+	if len(b) > f.n {
+		return 0, errTransport
+	}
+	f.n -= len(b)
+	return len(b), nil
+}
+
+// Page runs large enough to be queued by reference arrive whole and in order, over a socket
+// (writev) and over a plain writer; a transport's failure reaches the calls after it.
+func TestEncoderQueuesPayloads(t *testing.T) {
+	const pages = 256
+	mem := make([]byte, pages*PageSize)
+	for i := range mem {
+		mem[i] = byte(i/PageSize*31 + i%251 + 1)
+	}
+	encode := func(e *Encoder) error {
+		if err := e.WriteHeader(Header{Version: StreamVersion, Config: MachineConfig{
+			MemSize: uint64(len(mem)), CPUs: 1, PageSize: PageSize}}); err != nil {
+			return err
+		}
+		for p := 0; p < pages; p += runPages {
+			if err := e.WritePages(uint64(p), mem[p*PageSize:(p+runPages)*PageSize]); err != nil {
+				return err
+			}
+			if err := e.WriteEndOfSection(uint64(p)); err != nil {
+				return err
+			}
+		}
+		if err := e.WriteCPU([]byte("cpu")); err != nil {
+			return err
+		}
+		if err := e.WriteTrailer(MemoryDigest(mem)); err != nil {
+			return err
+		}
+		return e.Flush()
+	}
+	t.Run("socket", func(t *testing.T) {
+		a, b, err := socketPair()
+		require.NoError(t, err)
+		defer a.Close()
+		defer b.Close()
+		got := make(chan []byte, 1)
+		go func() { s, _ := io.ReadAll(b); got <- s }()
+		e := NewEncoder(sockWriter{a})
+		defer e.Close()
+		require.NoError(t, encode(e))
+		a.Close()
+		stream := <-got
+		require.EqualValues(t, len(stream), e.Written())
+		dec, _, err := decodeAll(stream)
+		require.NoError(t, err)
+		require.Equal(t, mem, dec)
+	})
+	t.Run("writer", func(t *testing.T) {
+		var buf bytes.Buffer
+		e := NewEncoder(&buf)
+		defer e.Close()
+		require.NoError(t, encode(e))
+		dec, _, err := decodeAll(buf.Bytes())
+		require.NoError(t, err)
+		require.Equal(t, mem, dec)
+	})
+	t.Run("failing transport", func(t *testing.T) {
+		e := NewEncoder(&failAfter{n: 3 * runPages * PageSize})
+		defer e.Close()
+		require.ErrorIs(t, encode(e), errTransport)
+		require.ErrorIs(t, e.WriteEndOfSection(1), errTransport)
+		require.ErrorIs(t, e.Flush(), errTransport)
+	})
+}
+
+func socketPair() (net.Conn, net.Conn, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer l.Close()
+	acc := make(chan net.Conn, 1)
+	go func() { c, _ := l.Accept(); acc <- c }()
+	a, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		return nil, nil, err
+	}
+	b := <-acc
+	if b == nil {
+		a.Close()
+		return nil, nil, errors.New("accept failed")
+	}
+	return a, b, nil
 }
