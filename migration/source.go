@@ -276,6 +276,7 @@ func (r *sourceRun) precopy() error {
 		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,
 		sums: make([]uint32, len(mem)/PageSize),
 	}
+	s.enc.SetGuestMemory(mem)
 	defer s.enc.Close()
 	err = s.enc.WriteHeader(Header{Version: StreamVersion, Flags: flags, Config: MachineConfig{
 		MemSize: uint64(len(mem)), CPUs: uint32(mach.NumCPUs()), PageSize: PageSize,
@@ -626,7 +627,7 @@ func (s *sender) writeRun(first, n int) error {
 			err = s.enc.WriteZeroPages(uint64(first+i), j-i)
 			zeroes += int64(j - i)
 		} else {
-			err = s.enc.WritePages(uint64(first+i), s.mem[(first+i)*PageSize:(first+j)*PageSize])
+			err = s.enc.WriteGuestPages(uint64(first+i), j-i)
 			normal += int64(j - i)
 		}
 		if err != nil {

@@ -107,12 +107,16 @@ type Encoder struct {
 	spare  chan []byte // buffers the writer is done with
 	failed atomic.Pointer[error]
 	closed bool
+
+	guest  []byte   // SetGuestMemory's
+	splice *splicer // the writer's, for guest pages to a unix socket
 }
 
 // encChunk is one write for the writer goroutine.
 type encChunk struct {
 	small   []byte     // buffered records, handed back through spare once written
 	payload []byte     // a payload, written after small
+	guest   bool       // payload is guest memory: it may be lent rather than copied
 	flushed chan error // answered once everything queued before is written
 }
 
@@ -144,7 +148,7 @@ func (e *Encoder) writer() {
 	var err error
 	for c := range e.queue {
 		if err == nil {
-			err = e.send(c.small, c.payload)
+			err = e.send(c)
 			if err != nil {
 				e.failed.Store(&err)
 			}
@@ -156,15 +160,32 @@ func (e *Encoder) writer() {
 			c.flushed <- err
 		}
 	}
+	if e.splice != nil {
+		e.splice.close()
+	}
 }
 
-func (e *Encoder) send(small, payload []byte) error {
+func (e *Encoder) send(c encChunk) error {
+	if c.guest && e.splice != nil {
+		if len(c.small) > 0 {
+			if _, err := e.conn.Write(c.small); err != nil {
+				return err
+			}
+			c.small = nil
+		}
+		err := e.splice.send(c.payload)
+		if !errors.Is(err, errNoSplice) {
+			return err
+		}
+		e.splice.close() // the host will not: write from now on
+		e.splice = nil
+	}
 	if e.conn != nil {
-		vec := net.Buffers{small, payload}
+		vec := net.Buffers{c.small, c.payload}
 		_, err := vec.WriteTo(e.conn)
 		return err
 	}
-	for _, b := range [][]byte{small, payload} {
+	for _, b := range [][]byte{c.small, c.payload} {
 		if len(b) > 0 {
 			if _, err := e.w.Write(b); err != nil {
 				return err
@@ -184,12 +205,22 @@ func (e *Encoder) err() error {
 	return nil
 }
 
+// SetGuestMemory names the memory WriteGuestPages sends from, before the first write. It
+// must stay mapped and change only where the caller will send it again while the stream
+// is open: over a unix socket its pages are lent to the receiver rather than copied.
+func (e *Encoder) SetGuestMemory(mem []byte) {
+	e.guest = mem
+	if e.conn != nil {
+		e.splice = newSplicer(e.conn)
+	}
+}
+
 // enqueue hands the buffer and payload to the writer and takes a fresh buffer.
-func (e *Encoder) enqueue(payload []byte) error {
+func (e *Encoder) enqueue(payload []byte, guest bool) error {
 	if err := e.err(); err != nil {
 		return err
 	}
-	e.queue <- encChunk{small: e.buf, payload: payload}
+	e.queue <- encChunk{small: e.buf, payload: payload, guest: guest}
 	e.buf = <-e.spare
 	return nil
 }
@@ -199,7 +230,7 @@ func (e *Encoder) Push() error {
 	if len(e.buf) == 0 {
 		return e.err()
 	}
-	return e.enqueue(nil)
+	return e.enqueue(nil, false)
 }
 
 // Flush pushes, then waits until every accepted byte is written.
@@ -221,12 +252,14 @@ func (e *Encoder) Close() {
 	}
 }
 
-func (e *Encoder) write(b []byte) error {
+func (e *Encoder) write(b []byte) error { return e.writeFrom(b, false) }
+
+func (e *Encoder) writeFrom(b []byte, guest bool) error {
 	if err := e.err(); err != nil {
 		return err
 	}
 	if len(b) >= directMin {
-		if err := e.enqueue(b); err != nil {
+		if err := e.enqueue(b, guest); err != nil {
 			return err
 		}
 		e.n += int64(len(b))
@@ -281,6 +314,17 @@ func (e *Encoder) WritePages(first uint64, data []byte) error {
 		return err
 	}
 	return e.write(data)
+}
+
+// WriteGuestPages writes count pages of SetGuestMemory's memory from page first.
+func (e *Encoder) WriteGuestPages(first uint64, count int) error {
+	if first+uint64(count) > uint64(len(e.guest)/PageSize) {
+		return fmt.Errorf("page run %d+%d outside guest memory of %d pages", first, count, len(e.guest)/PageSize)
+	}
+	if err := e.ramHeader(0, first, count); err != nil {
+		return err
+	}
+	return e.writeFrom(e.guest[first*PageSize:(first+uint64(count))*PageSize], true)
 }
 
 // WriteZeroPages writes a run of zero pages: the flag alone, no payload.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -253,21 +254,31 @@ func (f *failAfter) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// Page runs large enough to be queued by reference arrive whole and in order, over a socket
-// (writev) and over a plain writer; a transport's failure reaches the calls after it.
+// Page runs large enough to be queued by reference arrive whole and in order: over tcp
+// (writev), guest pages over a unix socket (lent with vmsplice) and over a plain writer; a
+// transport's failure reaches the calls after it.
 func TestEncoderQueuesPayloads(t *testing.T) {
 	const pages = 256
 	mem := make([]byte, pages*PageSize)
 	for i := range mem {
 		mem[i] = byte(i/PageSize*31 + i%251 + 1)
 	}
-	encode := func(e *Encoder) error {
+	encode := func(e *Encoder, guest bool) error {
 		if err := e.WriteHeader(Header{Version: StreamVersion, Config: MachineConfig{
 			MemSize: uint64(len(mem)), CPUs: 1, PageSize: PageSize}}); err != nil {
 			return err
 		}
+		if guest {
+			e.SetGuestMemory(mem)
+		}
 		for p := 0; p < pages; p += runPages {
-			if err := e.WritePages(uint64(p), mem[p*PageSize:(p+runPages)*PageSize]); err != nil {
+			var err error
+			if guest {
+				err = e.WriteGuestPages(uint64(p), runPages)
+			} else {
+				err = e.WritePages(uint64(p), mem[p*PageSize:(p+runPages)*PageSize])
+			}
+			if err != nil {
 				return err
 			}
 			if err := e.WriteEndOfSection(uint64(p)); err != nil {
@@ -282,50 +293,68 @@ func TestEncoderQueuesPayloads(t *testing.T) {
 		}
 		return e.Flush()
 	}
-	t.Run("socket", func(t *testing.T) {
-		a, b, err := socketPair()
-		require.NoError(t, err)
-		defer a.Close()
-		defer b.Close()
-		got := make(chan []byte, 1)
-		go func() { s, _ := io.ReadAll(b); got <- s }()
-		e := NewEncoder(sockWriter{a})
-		defer e.Close()
-		require.NoError(t, encode(e))
-		a.Close()
-		stream := <-got
-		require.EqualValues(t, len(stream), e.Written())
-		dec, _, err := decodeAll(stream)
-		require.NoError(t, err)
-		require.Equal(t, mem, dec)
-	})
-	t.Run("writer", func(t *testing.T) {
-		var buf bytes.Buffer
-		e := NewEncoder(&buf)
-		defer e.Close()
-		require.NoError(t, encode(e))
-		dec, _, err := decodeAll(buf.Bytes())
-		require.NoError(t, err)
-		require.Equal(t, mem, dec)
-	})
+	for _, tc := range []struct {
+		name, network  string
+		guest, spliced bool
+	}{
+		{"tcp", "tcp", false, false},
+		{"tcp, guest pages", "tcp", true, false},
+		{"unix", "unix", false, false},
+		{"unix, guest pages", "unix", true, true},
+		{"writer, guest pages", "", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var e *Encoder
+			got := make(chan []byte, 1)
+			var buf bytes.Buffer
+			if tc.network == "" {
+				e = NewEncoder(&buf)
+				close(got)
+			} else {
+				a, b, err := socketPair(tc.network, t.TempDir())
+				require.NoError(t, err)
+				defer a.Close()
+				defer b.Close()
+				go func() { s, _ := io.ReadAll(b); got <- s }()
+				e = NewEncoder(sockWriter{a})
+			}
+			defer e.Close()
+			require.NoError(t, encode(e, tc.guest))
+			require.Equal(t, tc.spliced, e.splice != nil, "pages lent to the socket")
+			stream := buf.Bytes()
+			if tc.network != "" {
+				e.conn.Close()
+				stream = <-got
+			}
+			require.EqualValues(t, len(stream), e.Written())
+			dec, _, err := decodeAll(stream)
+			require.NoError(t, err)
+			require.Equal(t, mem, dec)
+		})
+	}
 	t.Run("failing transport", func(t *testing.T) {
 		e := NewEncoder(&failAfter{n: 3 * runPages * PageSize})
 		defer e.Close()
-		require.ErrorIs(t, encode(e), errTransport)
+		require.ErrorIs(t, encode(e, false), errTransport)
 		require.ErrorIs(t, e.WriteEndOfSection(1), errTransport)
 		require.ErrorIs(t, e.Flush(), errTransport)
 	})
 }
 
-func socketPair() (net.Conn, net.Conn, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+// socketPair is both ends of a connection over network (tcp or unix, in dir).
+func socketPair(network, dir string) (net.Conn, net.Conn, error) {
+	addr := "127.0.0.1:0"
+	if network == "unix" {
+		addr = filepath.Join(dir, "s")
+	}
+	l, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer l.Close()
 	acc := make(chan net.Conn, 1)
 	go func() { c, _ := l.Accept(); acc <- c }()
-	a, err := net.Dial("tcp", l.Addr().String())
+	a, err := net.Dial(network, l.Addr().String())
 	if err != nil {
 		return nil, nil, err
 	}
