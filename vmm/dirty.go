@@ -422,18 +422,26 @@ func (r *reaper) failSafe(cpu int, err error) {
 }
 
 // failSafeLocked handles a ring (cpu, or -1 for the machine) that may have lost pages: every
-// page becomes dirty in every DirtyLog, so migration resends all of memory.
+// page that could be among them becomes dirty in every DirtyLog, so migration resends it. A
+// vCPU's ring holds only what that vCPU wrote, and its program writes only its record and
+// region; for the machine (the bitmap, a failed reset) that is all of memory.
 func (r *reaper) failSafeLocked(cpu int, err error) {
 	n := r.failSafes.Add(1)
+	what, marked := "of the machine", "all guest memory"
+	if cpu >= 0 {
+		what, marked = fmt.Sprintf("of vCPU %d", cpu), fmt.Sprintf("the memory vCPU %d writes", cpu)
+	}
 	if n&(n-1) == 0 { // a broken ring can repeat this at a high rate: log 1, 2, 4, 8... times
-		what := fmt.Sprintf("of vCPU %d", cpu)
-		if cpu < 0 {
-			what = "of the machine"
-		}
-		r.m.logf("dirty tracking %s inconsistent (%v): marking all guest memory dirty (%d times so far)", what, err, n)
+		r.m.logf("dirty tracking %s inconsistent (%v): marking %s dirty (%d times so far)", what, err, marked, n)
 	}
 	for _, d := range r.logs {
-		d.setAll()
+		if cpu < 0 {
+			d.setAll()
+			continue
+		}
+		for _, rg := range r.m.lay.writable(cpu) {
+			d.setRange(rg.start/PageSize, (rg.start+rg.size+PageSize-1)/PageSize)
+		}
 	}
 }
 
@@ -443,8 +451,8 @@ var errRingOverrun = errors.New("every entry of the ring was dirty: KVM may have
 // collections.
 func (m *Machine) Harvest() { m.rp.syncRings() }
 
-// DirtyFailSafes counts the times dirty tracking was found inconsistent and every page was
-// marked dirty instead.
+// DirtyFailSafes counts the times dirty tracking was found inconsistent and every page it may
+// have lost was marked dirty instead.
 func (m *Machine) DirtyFailSafes() uint64 { return m.rp.failSafes.Load() }
 
 // DirtyLog is one consumer's view of dirtied pages (migration's bitmap): it accumulates the
@@ -515,6 +523,13 @@ func (d *DirtyLog) Close() {
 		}
 	}
 	d.bits = nil
+}
+
+// setRange marks pages [lo, hi) dirty.
+func (d *DirtyLog) setRange(lo, hi uint64) {
+	for p := lo; p < hi && p < d.r.m.pages; p++ {
+		d.bits[p/64] |= 1 << (p % 64)
+	}
 }
 
 func (d *DirtyLog) setAll() {

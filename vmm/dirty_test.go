@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/bits"
 	"sort"
@@ -199,19 +200,38 @@ func TestInconsistentRingFailsSafe(t *testing.T) {
 	var mu sync.Mutex
 	var lines []string
 	m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: Prelaunch,
-		Logf: func(f string, a ...any) { mu.Lock(); lines = append(lines, fmt.Sprintf(f, a...)); mu.Unlock() }})
+		Workloads: []Workload{{Mode: ModeRead, Size: 1 << 20}, {Mode: ModeWrite, Size: 2 << 20}},
+		Logf:      func(f string, a ...any) { mu.Lock(); lines = append(lines, fmt.Sprintf(f, a...)); mu.Unlock() }})
 	log := m.NewDirtyLog()
-	r := m.be.(*softBackend).cpus[1].ring
-	r.dirty.Store(r.resetAt.Load() + 1025) // more entries than the ring has
-	m.Harvest()
-	r.dirty.Store(r.resetAt.Load())
+	defer log.Close()
+	overrun := func(cpu int) {
+		r := m.be.(*softBackend).cpus[cpu].ring
+		r.dirty.Store(r.resetAt.Load() + 1025) // more entries than the ring has
+		m.Harvest()
+		r.dirty.Store(r.resetAt.Load())
+	}
+	record := func(cpu int) uint64 { return m.lay.records[cpu] / PageSize }
+	// A vCPU's ring holds what that vCPU wrote: its record and, writing, its region.
+	overrun(1)
 	require.Equal(t, uint64(1), m.DirtyFailSafes())
 	bm := bitmapFor(m)
-	require.Equal(t, len(m.Memory())/PageSize, log.Sync(bm))
+	log.Sync(bm)
+	want := append([]uint64{record(1)}, pageRange(m.lay.regions[1].start, m.lay.regions[1].size)...)
+	require.Equal(t, want, pagesIn(bm))
+	// A reading vCPU writes its record alone.
+	overrun(0)
+	bm = bitmapFor(m)
+	log.Sync(bm)
+	require.Equal(t, []uint64{record(0)}, pagesIn(bm))
+	// What the machine as a whole may have lost is all of memory.
+	m.rp.failSafe(-1, errors.New("reset failed"))
+	require.Equal(t, len(m.Memory())/PageSize, log.Sync(bitmapFor(m)))
 	mu.Lock()
-	require.Len(t, lines, 1)
-	require.Contains(t, lines[0], "vCPU 1")
-	mu.Unlock()
+	defer mu.Unlock()
+	require.Len(t, lines, 2, "the third of a series is not logged")
+	require.Contains(t, lines[0], "dirty tracking of vCPU 1 inconsistent")
+	require.Contains(t, lines[0], "marking the memory vCPU 1 writes dirty")
+	require.Equal(t, uint64(3), m.DirtyFailSafes())
 }
 
 // The ring-full hook runs on the vCPU's own thread each time its ring has received its size

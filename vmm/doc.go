@@ -29,8 +29,10 @@
 // size in entries since that vCPU's last ring-full event, the vCPU's thread calls the
 // ring-full hook (SetRingFullHook; the dirty limit sleeps there) outside KVM_RUN; a real
 // KVM_EXIT_DIRTY_RING_FULL, and Kick, end up in the same hook. A ring found inconsistent
-// (overrun, entries the host left unflagged) makes every page dirty in every DirtyLog
-// (DirtyFailSafes counts it, a log line says so) instead of losing pages; a ring the host
+// (overrun, entries the host left unflagged) makes every page its vCPU's program can write
+// (its record and, for a write workload, its region) dirty in every DirtyLog, and trouble
+// with the machine's tracking as a whole every page (DirtyFailSafes counts it, a log line
+// says so), instead of losing pages; a ring the host
 // left stuck beyond repair stops its vCPU. Without a ring DirtyLog syncs KVM's dirty bitmap
 // (or the soft one) and DirtyPages stays 0.
 //

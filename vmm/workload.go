@@ -90,6 +90,16 @@ func newLayout(cfg Config) (layout, error) {
 	return l, nil
 }
 
+// writable is what vCPU cpu's program can store to: its record and, for a write workload, its
+// region (the programs use no stack; vmm/guest's tests pin the pages each mode dirties).
+func (l layout) writable(cpu int) []region {
+	rs := []region{{start: l.records[cpu], size: guest.RecordSize}}
+	if l.work[cpu].Mode == ModeWrite {
+		rs = append(rs, l.regions[cpu])
+	}
+	return rs
+}
+
 // guestParams is vCPU cpu's program description for vmm/guest.
 func (l layout) guestParams(cpu int) guest.Params {
 	w, r := l.work[cpu], l.regions[cpu]
