@@ -98,6 +98,7 @@ type vcpu struct {
 	collect     atomic.Bool              // collect the ring before running again
 	syncDone    atomic.Pointer[chan int] // a synchronous harvest waiting for that collection
 	failed      bool                     // under Machine.mu: the vCPU hit an error and never runs again
+	failure     string                   // under Machine.mu: that error, for WorkloadStats
 }
 
 // New builds a machine and starts its vCPU threads; they run guest code only in the running
@@ -352,7 +353,7 @@ func (m *Machine) runHook(c *vcpu) {
 func (m *Machine) vcpuFailed(c *vcpu, err error) {
 	m.logf("vCPU %d stopped: %v", c.id, err)
 	m.mu.Lock()
-	c.failed = true
+	c.failed, c.failure = true, err.Error()
 	m.mu.Unlock()
 }
 

@@ -146,6 +146,7 @@ type WorkloadStat struct {
 	Pages          uint64 `json:"pages"`  // pages touched (written or read), cumulative
 	Passes         uint64 `json:"passes"` // complete passes over the region
 	PagesPerSecond uint64 `json:"pages-per-second"`
+	Error          string `json:"error,omitempty"` // why the vCPU stopped for good, if it did
 }
 
 // WorkloadStats reads every vCPU's record while the vCPUs run.
@@ -163,6 +164,11 @@ func (m *Machine) WorkloadStats() []WorkloadStat {
 			RegionSize: m.lay.regions[i].size, Pages: rec.Pages, Passes: rec.Passes,
 			PagesPerSecond: m.stats.rate(i, rec.Pages, now)}
 	}
+	m.mu.Lock()
+	for i, c := range m.cpus {
+		out[i].Error = c.failure
+	}
+	m.mu.Unlock()
 	return out
 }
 

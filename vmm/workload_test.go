@@ -1,7 +1,9 @@
 package vmm
 
 import (
+	"errors"
 	"testing"
+	"time"
 
 	"github.com/migvisor/migvisor/vmm/guest"
 	"github.com/stretchr/testify/require"
@@ -75,5 +77,20 @@ func TestWorkloadStats(t *testing.T) {
 		require.Equal(t, uint64(64*PageSize), st[0].RegionSize)
 		require.NotZero(t, st[0].Pages)
 		require.Equal(t, st[0].Pages/64, st[0].Passes, "passes count whole regions")
+		require.Empty(t, st[0].Error)
+
+		// A vCPU that stopped for good says why, and counts no more pages.
+		m.vcpuFailed(m.cpus[0], errors.New("its dirty ring broke"))
+		m.Kick(0) // out of its run, to park
+		require.Equal(t, "its dirty ring broke", m.WorkloadStats()[0].Error)
+		require.Empty(t, m.WorkloadStats()[1].Error)
+		waitFor(t, "the vCPU parked", func() bool {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			return m.cpus[0].parked
+		})
+		pages := m.WorkloadStats()[0].Pages
+		time.Sleep(20 * time.Millisecond)
+		require.Equal(t, pages, m.WorkloadStats()[0].Pages)
 	})
 }

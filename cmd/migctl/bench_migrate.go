@@ -59,6 +59,7 @@ func benchMigrate(args []string, stdout, stderr io.Writer) int {
 		*mem, *accel, *ring, *bandwidth>>20, *downtime, *transport)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "scenario\tresult\ttotal ms\tdowntime ms\tsent MiB\tpasses\tread vCPU speed\tMiB/s\t")
+	var notes []string
 	for i, s := range scenarios {
 		if *only != "" && !strings.Contains(s.name, *only) {
 			continue
@@ -68,10 +69,18 @@ func benchMigrate(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(tw, "%s\terror: %v\t\t\t\t\t\t\t\n", s.name, err)
 			continue
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.0f\t%d\t%s\t%.0f\t\n", s.name, r.status, r.totalMS, r.downtimeMS,
+		status := r.status
+		if r.vcpuErr != "" {
+			status += " *"
+			notes = append(notes, fmt.Sprintf("* %s: the source's %s: the guest did not run whole, so this row does not count", s.name, r.vcpuErr))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%.0f\t%d\t%s\t%.0f\t\n", s.name, status, r.totalMS, r.downtimeMS,
 			float64(r.sent)/(1<<20), r.passes, r.readSpeed(), r.rate())
 	}
 	tw.Flush()
+	for _, n := range notes {
+		fmt.Fprintln(stdout, n)
+	}
 	if *only == "" || strings.Contains("raw transport", *only) {
 		hot, err := rawThroughput(dir, *transport, 2<<30, false)
 		var cold float64
@@ -109,6 +118,7 @@ type benchResult struct {
 	passes                    int64
 	readBefore, readDuring    float64 // read vCPU pages/s
 	readMeasured, transferred bool
+	vcpuErr                   string // a source vCPU that stopped for good during the run
 }
 
 func (r benchResult) readSpeed() string {
@@ -141,6 +151,7 @@ type workloadStat struct {
 	Mode     string `json:"mode"`
 	Pages    uint64 `json:"pages"`
 	Passes   uint64 `json:"passes"`
+	Error    string `json:"error"`
 }
 
 func (b benchCommon) run(i int, s scenario) (benchResult, error) {
@@ -237,12 +248,14 @@ func (b benchCommon) run(i int, s scenario) (benchResult, error) {
 				_ = src.exec(ctx, "query-migrate", nil, &info)
 			}
 			res.status = fmt.Sprintf("no convergence in %s", b.timeout)
+			res.vcpuErr = vcpuFailure(ctx, src)
 			res.totalMS = time.Since(start).Milliseconds()
 			res.passes = info.RAM.DirtySyncCount
 			res.sent = info.RAM.Transferred
 			return res, nil
 		}
 	}
+	res.vcpuErr = vcpuFailure(ctx, src)
 	if !s.idle && lastAt.After(start) {
 		res.readDuring = float64(lastPages-startPages) / lastAt.Sub(start).Seconds()
 		res.readMeasured = true
@@ -290,6 +303,20 @@ func readRate(ctx context.Context, d *daemon, dur time.Duration) (float64, error
 		return 0, err
 	}
 	return float64(p1-p0) / time.Since(t0).Seconds(), nil
+}
+
+// vcpuFailure names a vCPU of d that stopped for good, and why ("" if none).
+func vcpuFailure(ctx context.Context, d *daemon) string {
+	var stats []workloadStat
+	if err := d.exec(ctx, "x-query-workload", nil, &stats); err != nil {
+		return ""
+	}
+	for _, s := range stats {
+		if s.Error != "" {
+			return fmt.Sprintf("vCPU %d stopped (%s)", s.CPUIndex, s.Error)
+		}
+	}
+	return ""
 }
 
 func readPages(ctx context.Context, d *daemon) (uint64, error) {
