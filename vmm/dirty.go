@@ -496,7 +496,7 @@ func (d *DirtyLog) Sync(dst []uint64) int {
 	r.syncRings()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if d.bits == nil {
+	if d.bits == nil || r.closed { // after Close, with memory gone, there is nothing to send
 		return 0
 	}
 	n := 0

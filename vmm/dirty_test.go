@@ -143,7 +143,9 @@ func TestDirtyLogsAreIndependent(t *testing.T) {
 	m := newMachine(t, Config{Accel: AccelSoft, DirtyRingSize: 1024, Initial: Running,
 		Workloads: []Workload{{Mode: ModeWrite, Size: 8 * PageSize}}})
 	a, b := m.NewDirtyLog(), m.NewDirtyLog()
-	waitFor(t, "a pass", func() bool { return m.WorkloadStats()[0].Passes > 0 })
+	// A whole pass after the views opened (the one under way may have begun before).
+	p0 := m.WorkloadStats()[0].Passes
+	waitFor(t, "a pass", func() bool { return m.WorkloadStats()[0].Passes >= p0+2 })
 	require.NoError(t, m.Stop())
 	bmA, bmB := bitmapFor(m), bitmapFor(m)
 	require.Equal(t, 9, a.Sync(bmA))
