@@ -97,8 +97,7 @@ type vcpu struct {
 	inGuest     atomic.Bool              // in (or about to enter) KVM_RUN: the reaper kicks it to collect
 	collect     atomic.Bool              // collect the ring before running again
 	syncDone    atomic.Pointer[chan int] // a synchronous harvest waiting for that collection
-	failed      bool                     // under Machine.mu: the vCPU hit an error and never runs again
-	failure     string                   // under Machine.mu: that error, for WorkloadStats
+	failure     string                   // under Machine.mu: the error after which the vCPU never runs again
 }
 
 // New builds a machine and starts its vCPU threads; they run guest code only in the running
@@ -353,7 +352,7 @@ func (m *Machine) runHook(c *vcpu) {
 func (m *Machine) vcpuFailed(c *vcpu, err error) {
 	m.logf("vCPU %d stopped: %v", c.id, err)
 	m.mu.Lock()
-	c.failed, c.failure = true, err.Error()
+	c.failure = err.Error()
 	m.mu.Unlock()
 }
 
@@ -361,7 +360,7 @@ func (m *Machine) vcpuFailed(c *vcpu, err error) {
 func (m *Machine) waitRunnable(c *vcpu) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for (!m.run || c.failed) && !m.closed {
+	for (!m.run || c.failure != "") && !m.closed {
 		if !c.parked {
 			c.parked = true
 			m.nparked++
