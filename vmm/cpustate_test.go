@@ -37,7 +37,9 @@ func TestSaveLoadCPU(t *testing.T) {
 		require.NoError(t, dst.Stop())
 		for cpu, s := range dst.WorkloadStats() {
 			// Pages and passes go on from the saved values, so a restart from zero would show.
-			require.Equal(t, s.Pages/(s.RegionSize/PageSize), s.Passes, "vCPU %d", cpu)
+			// The stop may fall between a pass's pages being published and the pass counted.
+			full := s.Pages / (s.RegionSize / PageSize)
+			require.Contains(t, []uint64{full, full - 1}, s.Passes, "vCPU %d", cpu)
 			require.Greater(t, s.Pages, at[cpu].Pages, "vCPU %d", cpu)
 		}
 	})
