@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/migvisor/migvisor/vmm/kvm"
 	"math/bits"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -364,4 +367,37 @@ func TestRepeatedEntriesCountOnce(t *testing.T) {
 	bm := bitmapFor(m)
 	require.Equal(t, 3, log.Sync(bm))
 	require.Equal(t, []uint64{300, 301, 302}, pagesIn(bm))
+}
+
+// On nested PVM a machine whose vCPU writes flat out into a small ring says how to avoid
+// overruns; a paced writer, or a ring large enough, gets no such line.
+func TestPVMRingAdvice(t *testing.T) {
+	if err := kvm.Available(); err != nil {
+		t.Skipf("KVM is not usable here: %v", err)
+	}
+	dir := t.TempDir()
+	require.True(t, nestedPVM(dir))
+	require.False(t, nestedPVM(filepath.Join(dir, "absent")))
+	for _, tc := range []struct {
+		name   string
+		ring   int
+		rate   uint64
+		advice bool
+	}{
+		{"flat out, ring 4096", 4096, 0, true},
+		{"paced, ring 4096", 4096, 64 << 20, false},
+		{"flat out, ring 65536", 65536, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var lines []string
+			newMachine(t, Config{Accel: AccelKVM, DirtyRingSize: tc.ring, Initial: Prelaunch,
+				Workloads: []Workload{{Mode: ModeWrite, Size: 8 * PageSize, Rate: tc.rate}},
+				Logf:      func(f string, a ...any) { mu.Lock(); lines = append(lines, fmt.Sprintf(f, a...)); mu.Unlock() }})
+			mu.Lock()
+			defer mu.Unlock()
+			got := strings.Contains(strings.Join(lines, "\n"), "dirty-ring-size=65536 avoids it")
+			require.Equal(t, tc.advice && nestedPVM(pvmModule), got, "%q", lines)
+		})
+	}
 }

@@ -90,6 +90,16 @@ func newLayout(cfg Config) (layout, error) {
 	return l, nil
 }
 
+// flatOutWriter reports whether some vCPU writes without a rate limit.
+func (l layout) flatOutWriter() bool {
+	for _, w := range l.work {
+		if w.Mode == ModeWrite && w.Rate == 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // writable is what vCPU cpu's program can store to: its record and, for a write workload, its
 // region (the programs use no stack; vmm/guest's tests pin the pages each mode dirties).
 func (l layout) writable(cpu int) []region {
