@@ -305,17 +305,6 @@ func (e *Encoder) ramHeader(flags byte, first uint64, count int) error {
 	return e.write(h)
 }
 
-// WritePages writes a run of consecutive normal pages starting at page index first.
-func (e *Encoder) WritePages(first uint64, data []byte) error {
-	if len(data)%PageSize != 0 {
-		return fmt.Errorf("page run of %d bytes is not a whole number of pages", len(data))
-	}
-	if err := e.ramHeader(0, first, len(data)/PageSize); err != nil {
-		return err
-	}
-	return e.write(data)
-}
-
 // WriteGuestPages writes count pages of SetGuestMemory's memory from page first.
 func (e *Encoder) WriteGuestPages(first uint64, count int) error {
 	if first+uint64(count) > uint64(len(e.guest)/PageSize) {
