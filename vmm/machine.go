@@ -55,7 +55,8 @@ func (w Workload) mode() string {
 type Machine struct {
 	cfg   Config
 	logf  func(format string, args ...any)
-	mem   []byte
+	ram   *guestMemory
+	mem   []byte // ram.mem
 	pages uint64
 	be    backend
 	cpus  []*vcpu
@@ -132,16 +133,20 @@ func New(cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	m.lay = lay
-	m.mem, err = unix.Mmap(-1, 0, int(cfg.MemSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	m.ram, err = newGuestMemory(cfg.MemSize)
 	if err != nil {
-		return nil, fmt.Errorf("vmm: guest memory of %d bytes: %w", cfg.MemSize, err)
+		return nil, err
 	}
+	m.mem = m.ram.mem
 	m.pages = cfg.MemSize / PageSize
 	// The first touch of fresh memory is expensive on the project's hosts; populating the
-	// workload regions up front keeps that out of the workloads' rates.
-	for _, r := range lay.regions {
-		if r.size > 0 {
-			unix.Madvise(m.mem[r.start:r.start+r.size], unix.MADV_POPULATE_WRITE)
+	// workload regions up front keeps that out of the workloads' rates. A destination's
+	// memory is about to be overwritten by the source's, holes included: it is left as it is.
+	if cfg.Initial != InMigrate {
+		for _, r := range lay.regions {
+			if r.size > 0 {
+				unix.Madvise(m.mem[r.start:r.start+r.size], unix.MADV_POPULATE_WRITE)
+			}
 		}
 	}
 	switch cfg.Accel {
@@ -153,7 +158,7 @@ func New(cfg Config) (*Machine, error) {
 		err = fmt.Errorf("vmm: accelerator %q", cfg.Accel)
 	}
 	if err != nil {
-		unix.Munmap(m.mem)
+		m.ram.close()
 		return nil, err
 	}
 	m.cpus = make([]*vcpu, cfg.CPUs)
@@ -207,7 +212,7 @@ func (m *Machine) Close() error {
 	defer m.memMu.Unlock()
 	m.unmapped = true
 	err := m.be.close()
-	return errors.Join(err, unix.Munmap(m.mem))
+	return errors.Join(err, m.ram.close())
 }
 
 // NumCPUs is the number of vCPUs.
@@ -224,6 +229,21 @@ func (m *Machine) RingSize() int { return m.cfg.DirtyRingSize }
 
 // Memory is the guest RAM, guest physical address 0 up. The vCPUs write it concurrently.
 func (m *Machine) Memory() []byte { return m.mem }
+
+// PopulatedPages sets in dst (one bit per page) every page of guest memory that may hold
+// data. The others have never been written since the machine started or since they were
+// discarded: they are zero, and reading them would only cost host memory.
+func (m *Machine) PopulatedPages(dst []uint64) { m.ram.populated(dst) }
+
+// DiscardPages makes pages [first, first+count) of guest memory zero and releases their host
+// memory, without touching them. It is for a machine whose vCPUs do not run (an incoming
+// migration's destination).
+func (m *Machine) DiscardPages(first, count int) error {
+	if first < 0 || count < 0 || uint64(first)+uint64(count) > m.pages {
+		return fmt.Errorf("vmm: discarding pages %d+%d of %d", first, count, m.pages)
+	}
+	return m.ram.discard(uint64(first), uint64(count))
+}
 
 // SetRingFullHook sets the function every vCPU thread calls, outside KVM_RUN, at each of its
 // ring-full events and after each Kick. nil removes it.
