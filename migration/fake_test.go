@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +40,26 @@ func (r *recorder) list() []string {
 // without drops the events named in names (MIGRATION_PASS counts vary with timing).
 func without(evs []string, prefix string) []string {
 	return slices.DeleteFunc(evs, func(e string) bool { return len(e) >= len(prefix) && e[:len(prefix)] == prefix })
+}
+
+// logLines is a Logf that keeps what it was given, and passes it to the test's log.
+type logLines struct {
+	t  interface{ Logf(string, ...any) }
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logLines) logf(format string, args ...any) {
+	l.t.Logf(format, args...)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fmt.Fprintf(&l.b, format+"\n", args...)
+}
+
+func (l *logLines) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // fakeMachine is a machine whose guest is a Go slice. Its vCPUs are goroutines that, while
@@ -125,7 +146,22 @@ func (m *fakeMachine) setRate(r int) {
 }
 
 func (m *fakeMachine) Memory() []byte { return m.mem }
-func (m *fakeMachine) NumCPUs() int   { return m.ncpu }
+
+// PopulatedPages: a Go slice has no holes the fake could report.
+func (m *fakeMachine) PopulatedPages(dst []uint64) {
+	for i := range dst {
+		dst[i] = ^uint64(0)
+	}
+	if tail := len(m.mem) / PageSize % 64; tail != 0 {
+		dst[len(dst)-1] = 1<<tail - 1
+	}
+}
+
+func (m *fakeMachine) DiscardPages(first, count int) error {
+	clear(m.mem[first*PageSize : (first+count)*PageSize])
+	return nil
+}
+func (m *fakeMachine) NumCPUs() int { return m.ncpu }
 func (m *fakeMachine) RunState() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()

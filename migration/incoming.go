@@ -248,6 +248,11 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 		}
 		switch rec.Kind {
 		case KindPages, KindZeroPages:
+			if rec.Kind == KindZeroPages {
+				if err := mach.DiscardPages(int(rec.First), int(rec.Count)); err != nil {
+					return err
+				}
+			}
 			for p := int(rec.First); p < int(rec.First)+int(rec.Count); p++ {
 				if rec.Kind == KindZeroPages {
 					sums[p] = zeroPageSum

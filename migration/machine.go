@@ -14,6 +14,12 @@ const (
 // Machine is what migration needs from the VMM (vmm.Machine through a thin adapter).
 type Machine interface {
 	Memory() []byte // guest RAM, PageSize pages
+	// PopulatedPages sets in dst (a bit per page) every page that may hold data; a page it
+	// leaves clear is zero, and the sender neither reads nor checks it.
+	PopulatedPages(dst []uint64)
+	// DiscardPages makes a run of pages zero without writing them (the receiver's zero
+	// pages), giving their host memory back.
+	DiscardPages(first, count int) error
 	NumCPUs() int
 	RunState() string
 	Pause(to string) error // stop the vCPUs (STOP if they ran) and enter run state `to`

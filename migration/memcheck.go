@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // checkChunk is how many pages a worker of a pageSummer takes at a time: small enough that
@@ -81,27 +82,46 @@ func nextUnmarked(bm []uint64, p, hi int) int {
 }
 
 // memCheck rereads guest memory once the vCPUs are stopped and the final sync is done, beside
-// the final send: every page that send does not carry must still hold what was last sent of
-// it, or the guest wrote it and the dirty log never reported it. The pages the final send
-// carries are read from stopped memory by the sender itself, so that once the check passes
-// the sender's page checksums are those of memory as it stopped. The check runs on all CPUs
-// but one while the sender sends, and on the sender's too once it waits.
+// the final send: a page that send does not carry must still hold what was last sent of it,
+// or the guest wrote it and the dirty log never reported it. Pages skip marks (the final
+// send's, which the sender reads from stopped memory itself, and holes, which are zero and
+// were sent as zero) are not read. The check starts at a chunk of the caller's choosing (where
+// the precopy scrub left off, so that the pages verified longest ago come first) and, given a
+// deadline, hands out no chunk after it: what the downtime affords is checked, not all of
+// memory. The check runs on all CPUs but one while the sender sends, and on the sender's too
+// once it waits.
 type memCheck struct {
-	pages  pageSummer
-	sent   []uint32
-	missed []missedPages // per worker; the waiter is worker 0
-	wg     sync.WaitGroup
+	mem      []byte
+	sent     []uint32
+	skip     []uint64
+	chunks   int
+	start    int // first chunk
+	next     atomic.Int64
+	cut      atomic.Bool // the deadline stopped the check before its end
+	deadline time.Time   // zero: check everything
+	missed   [][]int     // per worker; the waiter is worker 0
+	checked  []int       // pages each worker read
+	wg       sync.WaitGroup
 }
 
-type missedPages struct{ n, first int }
+// checkResult is what a check found.
+type checkResult struct {
+	missed  []int // pages that differ from what was sent, ascending
+	checked int   // pages read
+	whole   bool  // every chunk was checked
+}
 
-// checkMemory starts the check of mem against sent (the checksum of what was last sent of
-// each page); final marks the pages the final send is about to carry.
-func checkMemory(mem []byte, sent []uint32, final []uint64) *memCheck {
+// checkMemory starts the check of mem against sent (the checksum of what was last sent of each
+// page), skipping the pages skip marks (the caller must not change it until wait or abandon
+// returns), from the chunk holding page from on, until deadline (zero: no deadline).
+func checkMemory(mem []byte, sent []uint32, skip []uint64, from int, deadline time.Time) *memCheck {
 	workers := sumWorkers(len(sent))
-	// A copy: the sender clears its bits as it goes.
-	c := &memCheck{pages: pageSummer{mem: mem, skip: slices.Clone(final)}, sent: sent,
-		missed: make([]missedPages, workers)}
+	chunks := (len(sent) + checkChunk - 1) / checkChunk
+	c := &memCheck{mem: mem, sent: sent, skip: skip, chunks: chunks, deadline: deadline,
+		missed: make([][]int, workers), checked: make([]int, workers)}
+	if chunks > 0 {
+		c.start = from / checkChunk % chunks
+	}
 	for w := 1; w < workers; w++ {
 		c.wg.Go(func() { c.work(w) })
 	}
@@ -109,38 +129,51 @@ func checkMemory(mem []byte, sent []uint32, final []uint64) *memCheck {
 }
 
 func (c *memCheck) work(w int) {
-	m := &c.missed[w]
-	c.pages.work(func(p int, sum uint32) {
-		if sum != c.sent[p] {
-			if m.n == 0 || p < m.first {
-				m.first = p
-			}
-			m.n++
+	n := len(c.sent)
+	var lines byte
+	for {
+		k := int(c.next.Add(1)) - 1
+		if k >= c.chunks {
+			break
 		}
-	})
+		if !c.deadline.IsZero() && time.Now().After(c.deadline) {
+			c.cut.Store(true)
+			c.next.Store(int64(c.chunks)) // the others stop too
+			break
+		}
+		lo := (c.start + k) % c.chunks * checkChunk
+		lines += eachPage(c.mem, lo, min(lo+checkChunk, n), c.skip, func(p int, page []byte) {
+			c.checked[w]++
+			if PageSum(page) != c.sent[p] {
+				c.missed[w] = append(c.missed[w], p)
+			}
+		})
+	}
+	touched.Add(uint32(lines))
 }
 
-// wait takes part in the check until it is done, then names the first page the dirty log
-// missed, if any.
-func (c *memCheck) wait() error {
+// wait takes part in the check until it is done and reports what it found.
+func (c *memCheck) wait() checkResult {
 	c.work(0)
 	c.wg.Wait()
-	n, first := 0, 0
-	for _, m := range c.missed {
-		if m.n > 0 && (n == 0 || m.first < first) {
-			first = m.first
-		}
-		n += m.n
+	var res checkResult
+	for w := range c.missed {
+		res.missed = append(res.missed, c.missed[w]...)
+		res.checked += c.checked[w]
 	}
-	if n > 0 {
-		return fmt.Errorf("%d pages changed without being reported dirty (the first is page %d): not sending a stale guest", n, first)
-	}
-	return nil
+	slices.Sort(res.missed)
+	res.whole = !c.cut.Load()
+	return res
 }
 
 // abandon ends the check of a failed migration; it returns once no worker reads memory, so
 // that the guest may run again.
 func (c *memCheck) abandon() {
-	c.pages.stop()
+	c.next.Store(int64(c.chunks))
 	c.wg.Wait()
+}
+
+// missedErr words pages the dirty log did not report.
+func missedErr(missed []int) error {
+	return fmt.Errorf("%d pages changed without being reported dirty (the first is page %d)", len(missed), missed[0])
 }

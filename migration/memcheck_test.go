@@ -2,6 +2,7 @@ package migration
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -16,23 +17,25 @@ func TestPageSumsEveryPage(t *testing.T) {
 	}
 }
 
-// The check at the stop compares memory with what was sent of every page but those the final
-// send carries, and names the first page that differs.
+// The check at the stop compares memory with what was sent of every page but those skip
+// marks, and lists the pages that differ.
 func TestMemCheck(t *testing.T) {
 	const pages = 3*checkChunk + 5
 	last := pages - 1
 	for _, tc := range []struct {
 		name    string
 		changed []int // pages written after they were sent
-		final   []int // pages the final send carries
-		want    string
+		skip    []int // pages the final send carries, or holes
+		from    int
+		want    []int
 	}{
-		{"memory as sent", nil, []int{3, 64, last}, ""},
-		{"a page the final send carries", []int{64}, []int{3, 64, last}, ""},
-		{"a page never reported", []int{65}, []int{64}, "1 pages changed without being reported dirty (the first is page 65)"},
-		{"the first of several, across chunks", []int{last, 2*checkChunk + 1, checkChunk + 7}, []int{checkChunk},
-			"3 pages changed without being reported dirty (the first is page 263)"},
-		{"the last page", []int{last}, nil, "1 pages changed without being reported dirty (the first is page 772)"},
+		{"memory as sent", nil, []int{3, 64, last}, 0, nil},
+		{"a page the final send carries", []int{64}, []int{3, 64, last}, 0, nil},
+		{"a page never reported", []int{65}, []int{64}, 0, []int{65}},
+		{"several, across chunks", []int{last, 2*checkChunk + 1, checkChunk + 7}, []int{checkChunk}, 0,
+			[]int{checkChunk + 7, 2*checkChunk + 1, last}},
+		{"the last page", []int{last}, nil, 0, []int{last}},
+		{"starting in the middle, wrapping", []int{1, last}, nil, 2*checkChunk + 3, []int{1, last}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mem := make([]byte, pages*PageSize)
@@ -41,18 +44,31 @@ func TestMemCheck(t *testing.T) {
 			for _, p := range tc.changed {
 				mem[p*PageSize+100] ^= 0xff
 			}
-			final := make([]uint64, (pages+63)/64)
-			for _, p := range tc.final {
-				final[p/64] |= 1 << (p % 64)
+			skip := make([]uint64, (pages+63)/64)
+			for _, p := range tc.skip {
+				skip[p/64] |= 1 << (p % 64)
 			}
-			err := checkMemory(mem, sent, final).wait()
-			if tc.want == "" {
-				require.NoError(t, err)
-				return
-			}
-			require.ErrorContains(t, err, tc.want)
+			res := checkMemory(mem, sent, skip, tc.from, time.Time{}).wait()
+			require.Equal(t, tc.want, res.missed)
+			require.True(t, res.whole)
+			require.Equal(t, pages-len(tc.skip), res.checked)
 		})
 	}
+}
+
+// A deadline ends the check early: a past one reads nothing and says the check is not whole.
+func TestMemCheckDeadline(t *testing.T) {
+	mem := make([]byte, 4*checkChunk*PageSize)
+	fill(mem)
+	sent := PageSums(mem)
+	mem[100] ^= 1
+	res := checkMemory(mem, sent, nil, 0, time.Now().Add(-time.Second)).wait()
+	require.False(t, res.whole)
+	require.Zero(t, res.checked)
+	require.Empty(t, res.missed)
+	res = checkMemory(mem, sent, nil, 0, time.Now().Add(time.Minute)).wait()
+	require.True(t, res.whole)
+	require.Equal(t, []int{0}, res.missed)
 }
 
 // A failed migration abandons the check: once abandon returns no worker reads memory, and the
@@ -60,7 +76,7 @@ func TestMemCheck(t *testing.T) {
 func TestMemCheckAbandon(t *testing.T) {
 	mem := make([]byte, 8*checkChunk*PageSize)
 	fill(mem)
-	c := checkMemory(mem, PageSums(mem), nil)
+	c := checkMemory(mem, PageSums(mem), nil, 0, time.Time{})
 	c.abandon()
 	clear(mem)
 }

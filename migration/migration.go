@@ -21,6 +21,9 @@ type Config struct {
 	// IncomingFailed is called after an incoming migration failed when exit-on-error is on
 	// (QEMU's default): the caller reports and exits. Nil: stay and wait for migrate-incoming.
 	IncomingFailed func(error)
+	// CheckAllMemory makes the source reread all populated memory at the stop, however long
+	// it takes, instead of what a quarter of downtime-limit allows.
+	CheckAllMemory bool
 	Logf           func(format string, args ...any)
 }
 

@@ -310,13 +310,11 @@ func (r *sourceRun) precopy() error {
 	}
 	s.log = mach.NewDirtyLog()
 	defer s.log.Close()
-	// Setup: every page is dirty, and the first sync is pass 1.
-	s.bm = make([]uint64, (s.npages+63)/64)
-	for i := range s.bm {
-		s.bm[i] = ^uint64(0)
-	}
-	if rem := s.npages % 64; rem != 0 {
-		s.bm[len(s.bm)-1] = 1<<rem - 1
+	// Setup: every page that may hold data is dirty, the others go at once as zero runs, and
+	// the first sync is pass 1. The log is open before memory is looked at, so a hole the
+	// guest writes afterwards comes back through it.
+	if err := s.setup(); err != nil {
+		return err
 	}
 	now := time.Now()
 	s.winStart, s.periodStart = now, now
@@ -394,6 +392,21 @@ type sender struct {
 	sums []uint32
 	zero [runPages]bool // writeRun's: which pages of the run are zero
 
+	// The scrub: while precopy waits for its bandwidth window it rereads pages the dirty log
+	// calls clean and compares them with sums. populated marks the pages that may hold data
+	// (refreshed each round; holes are zero and were sent as such). A page that differs is a
+	// suspect until the next sync tells whether the log has it too; one it has not is a write
+	// the log missed, and goes again.
+	populated []uint64
+	scrubAt   int
+	suspect   []uint64 // one bit a page
+	suspects  int
+	scratch   []uint64
+	missed    int // writes the log missed, found by the scrub or at the stop
+	firstMiss int
+	stopSkip  []uint64 // what the check at the stop leaves out
+	checked   int      // pages the check at the stop read
+
 	winStart   time.Time
 	winBytes   int64
 	winPages   int64
@@ -427,6 +440,7 @@ func (s *sender) iterate() error {
 			if err := s.enc.Flush(); err != nil {
 				return r.ioError(err)
 			}
+			s.scrub(s.winStart.Add(bufferDelay))
 			select {
 			case <-time.After(time.Until(s.winStart.Add(bufferDelay))):
 			case <-r.ctx.Done():
@@ -499,7 +513,7 @@ func (s *sender) tick(now time.Time) {
 // sync is migration_bitmap_sync: harvest the dirty log into the bitmap, a new pass.
 func (s *sender) sync() {
 	r := s.r
-	added := s.log.Sync(s.bm)
+	added := s.syncLog()
 	n := 0
 	for _, w := range s.bm {
 		n += bits.OnesCount64(w)
@@ -655,11 +669,8 @@ func (s *sender) writeRun(first, n int) error {
 	return nil
 }
 
-// sendFinal sends the pages the final sync found and the vCPU state.
-func (s *sender) sendFinal() error {
-	if err := s.send(time.Time{}, false); err != nil {
-		return err
-	}
+// sendCPU sends the vCPU state.
+func (s *sender) sendCPU() error {
 	cpu, err := s.mach.SaveCPU()
 	if err != nil {
 		return err
@@ -698,23 +709,22 @@ func (s *sender) complete() error {
 	r.mu.Unlock()
 	s.stopped, s.stopBytes = true, s.enc.Written()
 	s.sync()
-	// Memory no longer changes: check all of it while the rest and the vCPU state go out.
-	// A guest none of whose vCPUs ran since the dirty log opened (stopped before the
-	// migration) has changed nothing the check could find.
-	var check *memCheck
-	if !s.log.Quiet() {
-		check = checkMemory(s.mem, s.sums, s.bm)
-	}
-	if err := s.sendFinal(); err != nil {
+	// Memory no longer changes: check it, within the downtime budget, while the rest goes
+	// out, and send again what the dirty log missed; then the vCPU state.
+	check := s.startStopCheck()
+	if err := s.send(time.Time{}, false); err != nil {
 		if check != nil {
 			check.abandon()
 		}
 		return err
 	}
 	if check != nil {
-		if err := check.wait(); err != nil {
+		if err := s.finishStopCheck(check); err != nil {
 			return err
 		}
+	}
+	if err := s.sendCPU(); err != nil {
+		return err
 	}
 	// Every page holds what was last sent of it: the digest is that of memory as it stopped.
 	if err := s.enc.WriteTrailer(DigestOf(uint64(len(s.mem)), s.sums)); err != nil {

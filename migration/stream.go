@@ -492,16 +492,12 @@ func (d *Decoder) Next(mem []byte) (Record, error) {
 		if count == 0 || count > maxRunPages || first >= pages || uint64(count) > pages-first {
 			return Record{}, streamErr("page run %d+%d outside memory of %d pages", first, count, pages)
 		}
-		span := mem[first*PageSize : (first+uint64(count))*PageSize]
 		if flags&ramZero != 0 {
-			// Writing only the pages that are not zero yet leaves fresh memory unfaulted.
-			for p := 0; p < len(span); p += PageSize {
-				if pg := span[p : p+PageSize]; !isZero(pg) {
-					clear(pg)
-				}
-			}
+			// The caller makes them zero: reading or writing pages to find out or to clear them
+			// would fault in memory that the machine can drop instead.
 			return Record{Kind: KindZeroPages, First: first, Count: count}, nil
 		}
+		span := mem[first*PageSize : (first+uint64(count))*PageSize]
 		if err := d.full(span); err != nil {
 			return Record{}, err
 		}

@@ -52,8 +52,11 @@ func decodeAll(stream []byte) ([]byte, []Record, error) {
 		if err != nil {
 			return mem, recs, err
 		}
-		if r.Kind == KindCPU {
+		switch r.Kind {
+		case KindCPU:
 			r.CPU = bytes.Clone(r.CPU)
+		case KindZeroPages: // the receiver's job: the decoder leaves memory alone
+			clear(mem[r.First*PageSize : (r.First+uint64(r.Count))*PageSize])
 		}
 		recs = append(recs, r)
 		if r.Kind == KindTrailer {

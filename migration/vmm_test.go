@@ -19,16 +19,18 @@ type vmmMachine struct {
 	lim *dirtylimit.Limiter
 }
 
-func (a vmmMachine) Memory() []byte           { return a.m.Memory() }
-func (a vmmMachine) NumCPUs() int             { return a.m.NumCPUs() }
-func (a vmmMachine) RunState() string         { return string(a.m.RunState()) }
-func (a vmmMachine) Pause(to string) error    { return a.m.Pause(vmm.RunState(to)) }
-func (a vmmMachine) SetRunState(to string)    { a.m.SetRunState(vmm.RunState(to)) }
-func (a vmmMachine) Resume() error            { return a.m.Resume() }
-func (a vmmMachine) SaveCPU() ([]byte, error) { return a.m.SaveCPU() }
-func (a vmmMachine) LoadCPU(b []byte) error   { return a.m.LoadCPU(b) }
-func (a vmmMachine) Kick(cpu int)             { a.m.Kick(cpu) }
-func (a vmmMachine) NewDirtyLog() DirtyLog    { return a.m.NewDirtyLog() }
+func (a vmmMachine) Memory() []byte                  { return a.m.Memory() }
+func (a vmmMachine) PopulatedPages(dst []uint64)     { a.m.PopulatedPages(dst) }
+func (a vmmMachine) DiscardPages(first, n int) error { return a.m.DiscardPages(first, n) }
+func (a vmmMachine) NumCPUs() int                    { return a.m.NumCPUs() }
+func (a vmmMachine) RunState() string                { return string(a.m.RunState()) }
+func (a vmmMachine) Pause(to string) error           { return a.m.Pause(vmm.RunState(to)) }
+func (a vmmMachine) SetRunState(to string)           { a.m.SetRunState(vmm.RunState(to)) }
+func (a vmmMachine) Resume() error                   { return a.m.Resume() }
+func (a vmmMachine) SaveCPU() ([]byte, error)        { return a.m.SaveCPU() }
+func (a vmmMachine) LoadCPU(b []byte) error          { return a.m.LoadCPU(b) }
+func (a vmmMachine) Kick(cpu int)                    { a.m.Kick(cpu) }
+func (a vmmMachine) NewDirtyLog() DirtyLog           { return a.m.NewDirtyLog() }
 func (a vmmMachine) SetRingFullHook(h func(cpu int)) {
 	switch {
 	case a.lim == nil:

@@ -34,8 +34,11 @@ type config struct {
 	// dirtyLimitAlgorithm is migvisor's extension -dirty-limit-algorithm: QEMU's exact
 	// algorithm or migvisor's (the default), so that the two can be compared.
 	dirtyLimitAlgorithm dirtylimit.Algorithm
-	version             bool
-	help                bool
+	// checkAllMemory is migvisor's -memory-check all: a migration's source rereads all
+	// populated memory at the stop, whatever the downtime (the default, budget, bounds it).
+	checkAllMemory bool
+	version        bool
+	help           bool
 }
 
 const defaultMem = 512 << 20
@@ -60,6 +63,8 @@ const usage = `usage: migvisor [options]
                                       what each vCPU runs (repeatable; default idle)
   -dirty-limit-algorithm migvisor|qemu
                                       how the dirty limit picks a vCPU's penalty (default migvisor)
+  -memory-check budget|all            what a migration's source rereads at the stop: what the
+                                      downtime budget allows (default), or all populated memory
   -incoming URI|defer                 wait for an incoming migration
   -version                            print the version and exit
   -help                               print this text and exit
@@ -76,7 +81,7 @@ func parseArgs(args []string) (*config, error) {
 		}
 		name := strings.TrimPrefix(strings.TrimPrefix(opt, "-"), "-")
 		takesValue := map[string]bool{"qmp": true, "name": true, "uuid": true, "m": true, "smp": true,
-			"accel": true, "workload": true, "incoming": true, "dirty-limit-algorithm": true}
+			"accel": true, "workload": true, "incoming": true, "dirty-limit-algorithm": true, "memory-check": true}
 		flags := map[string]*bool{"S": &c.startPaused, "version": &c.version, "help": &c.help, "h": &c.help}
 		if p, ok := flags[name]; ok {
 			*p = true
@@ -116,6 +121,13 @@ func parseArgs(args []string) (*config, error) {
 			c.incoming = val
 		case "dirty-limit-algorithm":
 			c.dirtyLimitAlgorithm, err = dirtylimit.ParseAlgorithm(val)
+		case "memory-check":
+			switch val {
+			case "budget", "all":
+				c.checkAllMemory = val == "all"
+			default:
+				err = errors.New("expected budget or all")
+			}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", opt, val, err)

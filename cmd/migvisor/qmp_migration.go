@@ -34,6 +34,7 @@ func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
 		Incoming:       d.cfg.incoming != "",
 		Autostart:      m.Autostart,
 		IncomingFailed: fatal,
+		CheckAllMemory: d.cfg.checkAllMemory,
 		Logf:           func(format string, args ...any) { fmt.Fprintf(d.log, "migvisor: "+format+"\n", args...) },
 	}), nil
 }
@@ -85,6 +86,8 @@ type migrationMachine struct {
 }
 
 func (a migrationMachine) Memory() []byte                  { return a.m.Memory() }
+func (a migrationMachine) PopulatedPages(dst []uint64)     { a.m.PopulatedPages(dst) }
+func (a migrationMachine) DiscardPages(first, n int) error { return a.m.DiscardPages(first, n) }
 func (a migrationMachine) NumCPUs() int                    { return a.m.NumCPUs() }
 func (a migrationMachine) RunState() string                { return string(a.m.RunState()) }
 func (a migrationMachine) Pause(to string) error           { return a.m.Pause(vmm.RunState(to)) }
