@@ -104,14 +104,15 @@ func isBool(v any) bool   { _, ok := v.(bool); return ok }
 // TestLibvirtProbe replays the commands of libvirt's capability probe of QEMU 10.0 in its
 // order (tests/qemucapabilitiesdata/caps_10.0.0_x86_64.replies, from qemu_capabilities.c's
 // virQEMUCapsInitQMPMonitor), then those of its domain start, and checks every answer
-// against QEMU 10's own schema: a return in QEMU's shape, or QEMU's error where the feature
-// or device is absent. Only CPU model expansion, which is about CPU models, may be missing.
+// against QEMU 10's own schema: a return in QEMU's shape, or QEMU's error where the feature,
+// device or CPU model is absent.
 func TestLibvirtProbe(t *testing.T) {
 	qemu := loadQEMUSchema(t)
 	p := startInProcess(t, ringMachine...)
 	type step struct {
 		cmd, args string
 		errClass  string // "": a return is expected
+		errDesc   string // QEMU 10's text, where the test checks it
 	}
 	steps := []step{
 		{cmd: "qmp_capabilities"},
@@ -121,26 +122,31 @@ func TestLibvirtProbe(t *testing.T) {
 		{cmd: "query-kvm"},
 		{cmd: "qom-list-types"},
 		{cmd: "qom-list-types", args: `{"implements": "machine", "abstract": true}`},
-		{cmd: "device-list-properties", args: `{"typename": "virtio-blk-pci"}`, errClass: "DeviceNotFound"},
+		{cmd: "device-list-properties", args: `{"typename": "virtio-blk-pci"}`, errClass: "DeviceNotFound", errDesc: "Device 'virtio-blk-pci' not found"},
 		{cmd: "device-list-properties", args: `{"typename": "migvisor-x86_64-cpu"}`},
-		{cmd: "qom-list-properties", args: `{"typename": "memory-backend-file"}`, errClass: "DeviceNotFound"},
+		{cmd: "device-list-properties", args: `{"typename": "migvisor-machine"}`, errClass: "GenericError", errDesc: "Parameter 'typename' expects a non-abstract device type"},
+		{cmd: "qom-list-properties", args: `{"typename": "memory-backend-file"}`, errClass: "DeviceNotFound", errDesc: "Class 'memory-backend-file' not found"},
 		{cmd: "query-machines"},
 		{cmd: "qom-list-properties", args: `{"typename": "migvisor-machine"}`},
 		{cmd: "query-tpm-models"},
 		{cmd: "query-tpm-types"},
 		{cmd: "query-command-line-options"},
 		{cmd: "query-migrate-capabilities"},
-		{cmd: "query-sev-capabilities", errClass: "GenericError"},
+		{cmd: "query-sev-capabilities", errClass: "GenericError", errDesc: "SEV is not enabled in KVM"},
 		{cmd: "query-sgx-capabilities", errClass: "GenericError"},
 		{cmd: "query-cpu-definitions"},
-		{cmd: "query-cpu-model-expansion", args: `{"type": "full", "model": {"name": "host"}}`, errClass: "CommandNotFound"},
+		// libvirt takes a GenericError here as "no such model" and goes on.
+		{cmd: "query-cpu-model-expansion", args: `{"type": "full", "model": {"name": "host"}}`, errClass: "GenericError", errDesc: "CPU model 'host' not found"},
+		{cmd: "query-cpu-model-expansion", args: `{"type": "static", "model": {"name": "migvisor"}}`},
+		{cmd: "query-cpu-model-expansion", args: `{"type": "full", "model": {"name": "migvisor", "props": {"vmx": true}}}`, errClass: "GenericError", errDesc: "Property 'migvisor-x86_64-cpu.vmx' not found"},
 		// domain start
 		{cmd: "query-current-machine"},
 		{cmd: "query-hotpluggable-cpus"},
 		{cmd: "query-cpus-fast"},
 		{cmd: "qom-list", args: `{"path": "/"}`},
 		{cmd: "qom-list", args: `{"path": "/machine"}`},
-		{cmd: "qom-list", args: `{"path": "/machine/peripheral"}`, errClass: "DeviceNotFound"},
+		{cmd: "qom-list", args: `{"path": "/machine/peripheral"}`},
+		{cmd: "qom-list", args: `{"path": "/machine/nope"}`, errClass: "DeviceNotFound", errDesc: "Device '/machine/nope' not found"},
 		{cmd: "query-memory-size-summary"},
 	}
 	reqs := make([]string, len(steps))
@@ -159,6 +165,9 @@ func TestLibvirtProbe(t *testing.T) {
 			if st.errClass != "" {
 				require.NotNil(t, r.Error, "a return where QEMU's error was expected")
 				require.Equal(t, st.errClass, r.Error.Class, r.Error.Desc)
+				if st.errDesc != "" {
+					require.Equal(t, st.errDesc, r.Error.Desc)
+				}
 				return
 			}
 			require.Nil(t, r.Error, "%+v", r.Error)
@@ -197,6 +206,8 @@ func TestLibvirtProbe(t *testing.T) {
 		require.Equal(t, mach["default-cpu-type"], h["type"])
 		paths = append(paths, h["qom-path"].(string))
 	}
+	require.Equal(t, []any{map[string]any{"name": "type", "type": "string"}},
+		results[`qom-list{"path": "/machine/peripheral"}`], "no devices")
 	root := results[`qom-list{"path": "/"}`].([]any)
 	require.Contains(t, root, map[string]any{"name": "machine", "type": "child<migvisor-machine>"})
 	require.Contains(t, results[`qom-list{"path": "/machine"}`].([]any),

@@ -73,13 +73,22 @@ func errNoClass(name string) *qerr.Error {
 	return qerr.New(qerr.DeviceNotFound, fmt.Sprintf("Class '%s' not found", name))
 }
 
+func errNoCPUModel(name string) *qerr.Error {
+	return qerr.Generic("CPU model '%s' not found", name)
+}
+
+func errNoProperty(typename, prop string) *qerr.Error {
+	return qerr.Generic("Property '%s.%s' not found", typename, prop)
+}
+
 func errBadOption(name string) *qerr.Error {
 	return qerr.Generic("invalid option name: %s", name)
 }
 
 var (
-	errNoSEV = qerr.Generic("SEV is not enabled in KVM")
-	errNoSGX = qerr.Generic("SGX is not supported by migvisor")
+	errNoSEV         = qerr.Generic("SEV is not enabled in KVM")
+	errNotDeviceType = qerr.Generic("Parameter 'typename' expects a non-abstract device type")
+	errNoSGX         = qerr.Generic("SGX is not supported by migvisor")
 )
 
 type objectProperty struct {
@@ -89,10 +98,15 @@ type objectProperty struct {
 
 // qomChildren is the object tree: every path and its children with their types.
 func qomChildren(m *vmm.Machine) map[string][]objectProperty {
+	// The peripheral containers hold the devices a user added (libvirt lists them for its
+	// aliases): there are none, as in a QEMU started with -nodefaults and no -device.
 	tree := map[string][]objectProperty{
-		"/":                   {{"machine", "child<" + machineName + "-machine>"}},
-		"/machine":            {{"unattached", "child<container>"}},
-		"/machine/unattached": nil,
+		"/": {{"machine", "child<" + machineName + "-machine>"}},
+		"/machine": {{"unattached", "child<container>"}, {"peripheral", "child<container>"},
+			{"peripheral-anon", "child<container>"}},
+		"/machine/unattached":      nil,
+		"/machine/peripheral":      nil,
+		"/machine/peripheral-anon": nil,
 	}
 	for i := range m.NumCPUs() {
 		p := cpuQOMPath(i)
@@ -165,8 +179,11 @@ func registerProbe(srv *qmp.Server, m *vmm.Machine) {
 			return nil, err
 		}
 		t, ok := findType(a.Typename)
-		if !ok || !t.device || t.abstract {
+		if !ok {
 			return nil, errNoDevice(a.Typename)
+		}
+		if !t.device || t.abstract {
+			return nil, errNotDeviceType
 		}
 		// The CPU has no configurable property (QEMU leaves out type, realized and the like).
 		return []objectProperty{}, nil
@@ -177,6 +194,26 @@ func registerProbe(srv *qmp.Server, m *vmm.Machine) {
 			"migration-safe": true, "deprecated": false, "unavailable-features": []string{},
 		}}, nil
 	}))
+	srv.Handle("query-cpu-model-expansion", func(_ context.Context, raw json.RawMessage) (any, error) {
+		var a struct {
+			Model struct {
+				Name  string         `json:"name"`
+				Props map[string]any `json:"props"`
+			} `json:"model"`
+		}
+		if err := decode(raw, &a); err != nil {
+			return nil, err
+		}
+		if a.Model.Name != cpuModel {
+			return nil, errNoCPUModel(a.Model.Name)
+		}
+		// The model has no properties to set (migvisor gives its vCPUs no CPUID of its own),
+		// so static and full expansion are the same: the model, with none.
+		for p := range a.Model.Props {
+			return nil, errNoProperty(cpuTypeName, p)
+		}
+		return map[string]any{"model": map[string]any{"name": cpuModel, "props": map[string]any{}}}, nil
+	})
 	srv.Handle("query-tpm-models", handle(func() (any, error) { return []string{}, nil }))
 	srv.Handle("query-tpm-types", handle(func() (any, error) { return []string{}, nil }))
 	srv.Handle("query-sev-capabilities", handle(func() (any, error) { return nil, errNoSEV }))
