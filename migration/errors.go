@@ -25,6 +25,9 @@ var (
 	errZeroCopy               = qerr.Generic("Zero copy only available for non-compressed non-TLS multifd migration")
 	errMappedRAMXbzrle        = qerr.Generic("Mapped-ram migration is incompatible with xbzrle")
 	errMappedRAMPostcopy      = qerr.Generic("Mapped-ram migration is incompatible with postcopy")
+	errNoCOLO                 = qerr.Generic("QEMU compiled without replication module can't enable COLO")
+	// QEMU prefixes the host's reason; migvisor's is that it has no postcopy at all.
+	errNoPostcopy = qerr.Generic("Postcopy is not supported: migvisor migrates with precopy only")
 
 	errVCPUDirtyLimit = qerr.Generic("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")
 )

@@ -408,6 +408,23 @@ func TestFaults(t *testing.T) {
 		require.Contains(t, query(t, src.mig)["error-desc"], "the destination refused the migration: memory digest mismatch")
 		requireSourceIntact(t, src, StatusFailed, true)
 	})
+	// libvirt sets return-path on both ends so that the source learns of a failure at the
+	// destination; on sockets migvisor always has that, whatever the capability says.
+	for _, rp := range []bool{true, false} {
+		t.Run(fmt.Sprintf("refusal reaches the source with return-path %v", rp), func(t *testing.T) {
+			src, dst := newSource(t, 64, 1, false), newDest(t, 128, 1)
+			require.NoError(t, src.mig.SetCapabilities(caps("return-path", rp)))
+			require.NoError(t, dst.mig.SetCapabilities(caps("return-path", rp, "late-block-activate", rp)))
+			uri := "unix:" + sockPath(t)
+			require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: &uri}))
+			require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+			wait(t, src.mig.Done())
+			require.Contains(t, query(t, src.mig)["error-desc"], "the destination refused the migration")
+			wait(t, dst.mig.IncomingDone())
+			require.Equal(t, RunInmigrate, dst.m.RunState())
+			requireSourceIntact(t, src, StatusFailed, false)
+		})
+	}
 	t.Run("another machine", func(t *testing.T) {
 		src, dst := newSource(t, 64, 1, false), newDest(t, 128, 1)
 		uri := "unix:" + sockPath(t)

@@ -18,10 +18,22 @@ var capabilityNames = []string{
 }
 
 // supportedCapabilities may be turned on. zero-blocks and late-block-activate concern block
-// devices, which migvisor has none of; return-path is how migvisor always talks on sockets.
+// devices, which migvisor has none of, so they are accepted and do nothing. return-path is
+// how migvisor always talks on sockets (the destination's verdict fails the source, as QEMU's
+// return path does), whichever its state; libvirt turns it off only for tunnelled migration,
+// whose pipes carry no return path here either. pause-before-switchover is libvirt's
+// stop before the switch-over.
 var supportedCapabilities = map[string]bool{
 	"auto-converge": true, "events": true, "dirty-limit": true,
 	"return-path": true, "zero-blocks": true, "late-block-activate": true,
+	"pause-before-switchover": true,
+}
+
+// capabilityRefusals are QEMU's own words for a capability it cannot use; the others that
+// migvisor does not implement get errUnsupportedCapability.
+var capabilityRefusals = map[string]*qerr.Error{
+	"x-colo":       errNoCOLO,
+	"postcopy-ram": errNoPostcopy,
 }
 
 // backgroundSnapshotIncompatible are the capabilities QEMU refuses beside background-snapshot.
@@ -93,6 +105,9 @@ func checkCapabilities(c Capabilities, dirtyRing bool) error {
 	}
 	for _, name := range capabilityNames {
 		if c[name] && !supportedCapabilities[name] {
+			if err := capabilityRefusals[name]; err != nil {
+				return err
+			}
 			return errUnsupportedCapability(name)
 		}
 	}

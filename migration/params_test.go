@@ -2,6 +2,7 @@ package migration
 
 import (
 	"encoding/json"
+	"slices"
 	"testing"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -101,7 +102,10 @@ func TestSetCapabilitiesRules(t *testing.T) {
 		{"mapped-ram with xbzrle", caps("mapped-ram", true, "xbzrle", true), "Mapped-ram migration is incompatible with xbzrle"},
 		{"background snapshot", caps("background-snapshot", true, "auto-converge", true), "Background-snapshot is not compatible with auto-converge"},
 		{"unsupported", caps("xbzrle", true), "Capability 'xbzrle' is not supported by migvisor"},
-		{"unsupported postcopy", caps("postcopy-ram", true), "Capability 'postcopy-ram' is not supported by migvisor"},
+		{"unsupported postcopy", caps("postcopy-ram", true), "Postcopy is not supported: migvisor migrates with precopy only"},
+		{"unsupported colo", caps("x-colo", true), "QEMU compiled without replication module can't enable COLO"},
+		{"pause-before-switchover", caps("pause-before-switchover", true), ""},
+		{"no-ops", caps("zero-blocks", true, "late-block-activate", true, "events", true), ""},
 		{"return-path", caps("return-path", true), ""},
 		{"unsupported off", caps("multifd", false), ""},
 	} {
@@ -114,6 +118,38 @@ func TestSetCapabilitiesRules(t *testing.T) {
 			}
 			requireQErr(t, err, tc.want)
 			require.Empty(t, onCaps(m), "nothing applied on error")
+		})
+	}
+}
+
+// libvirt sends every capability it knows of that QEMU lists, with its state, at each
+// migration (qemuMigrationParamsApplyCaps) and all of them false afterwards.
+func TestSetCapabilitiesLibvirtLists(t *testing.T) {
+	known := []string{"xbzrle", "auto-converge", "rdma-pin-all", "postcopy-ram", "pause-before-switchover",
+		"late-block-activate", "multifd", "dirty-bitmaps", "return-path", "zero-copy-send"}
+	list := func(on ...string) []CapabilityState {
+		var l []CapabilityState
+		for _, c := range known {
+			l = append(l, CapabilityState{Capability: c, State: slices.Contains(on, c)})
+		}
+		return l
+	}
+	for _, tc := range []struct {
+		name string
+		on   []string
+	}{
+		{"source", []string{"pause-before-switchover", "return-path"}},
+		{"destination", []string{"late-block-activate", "return-path"}},
+		{"source auto-converge", []string{"auto-converge", "pause-before-switchover", "return-path"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := New(Config{Machine: newFakeMachine(4, 1), DirtyRing: true})
+			require.NoError(t, m.SetCapabilities(caps("events", true)))
+			require.NoError(t, m.SetCapabilities(list(tc.on...)))
+			want := append([]string{"events"}, tc.on...)
+			require.ElementsMatch(t, want, onCaps(m))
+			require.NoError(t, m.SetCapabilities(list()))
+			require.Equal(t, []string{"events"}, onCaps(m))
 		})
 	}
 }

@@ -17,6 +17,10 @@ var served = []string{
 	"migrate", "migrate-incoming", "migrate_cancel", "migrate-pause", "query-migrate",
 	"migrate-set-capabilities", "query-migrate-capabilities",
 	"migrate-set-parameters", "query-migrate-parameters",
+	"query-target", "query-machines", "query-current-machine", "query-hotpluggable-cpus",
+	"query-cpu-definitions", "query-cpu-model-expansion", "query-tpm-models", "query-tpm-types", "query-sev-capabilities",
+	"query-sgx-capabilities", "query-command-line-options",
+	"qom-list", "qom-list-types", "qom-list-properties", "device-list-properties",
 }
 
 func TestEmbeddedDefinitionsLoad(t *testing.T) {

@@ -75,6 +75,7 @@ func newDaemon(cfg *config, log io.Writer) (*daemon, error) {
 		return nil, err
 	}
 	registerMachine(d.srv, d.machine, d)
+	registerProbe(d.srv, d.machine)
 	registerDirtyLimit(d.srv, d.limiter, d.meter)
 	registerMigration(d.srv, d.mig)
 	if missing := d.srv.Missing(); len(missing) > 0 {

@@ -6,7 +6,8 @@
 //	    -workload cpus=0,mode=write -workload cpus=1,mode=read \
 //	    -qmp unix:/tmp/m.sock,server=on,wait=off
 //
-// The QMP handlers live here, one file per area (qmp_machine.go, qmp_dirtylimit.go,
+// The QMP handlers live here, one file per area (qmp_machine.go, qmp_probe.go for the QOM
+// tree, CPU model and absent features that libvirt's probe asks about, qmp_dirtylimit.go,
 // qmp_migration.go): each decodes its validated arguments, calls one method of the package that
 // owns the behaviour and shapes the reply.
 package main

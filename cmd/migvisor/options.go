@@ -292,6 +292,9 @@ func parseMem(s string) (uint64, error) {
 	return n, nil
 }
 
+// maxCPUs is the most vCPUs a machine may have (query-machines' cpu-max).
+const maxCPUs = 64
+
 func parseSMP(s string) (int, error) {
 	first, kv, err := keyval(s)
 	if err != nil {
@@ -309,8 +312,8 @@ func parseSMP(s string) (int, error) {
 		return 0, fmt.Errorf("invalid parameter '%s'", k)
 	}
 	n, err := strconv.Atoi(first)
-	if err != nil || n < 1 || n > 64 {
-		return 0, fmt.Errorf("invalid number of CPUs '%s' (want 1..64)", first)
+	if err != nil || n < 1 || n > maxCPUs {
+		return 0, fmt.Errorf("invalid number of CPUs '%s' (want 1..%d)", first, maxCPUs)
 	}
 	return n, nil
 }

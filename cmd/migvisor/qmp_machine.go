@@ -24,6 +24,23 @@ func handle(f func() (any, error)) qmp.Handler {
 	return func(context.Context, json.RawMessage) (any, error) { return f() }
 }
 
+// cpuProps are a vCPU's CpuInstanceProperties: one socket, one thread per core.
+type cpuProps struct {
+	CoreID   int `json:"core-id"`
+	ThreadID int `json:"thread-id"`
+	SocketID int `json:"socket-id"`
+}
+
+// cpuQOMPath is where vCPU i sits in the QOM tree. QEMU's x86 machine puts another device
+// between the first two CPUs in /machine/unattached, so CPU i > 0 sits at device[i+1]; the
+// paths are kept as QEMU's so that a client that knows them finds them.
+func cpuQOMPath(i int) string {
+	if i > 0 {
+		i++
+	}
+	return fmt.Sprintf("/machine/unattached/device[%d]", i)
+}
+
 // registerMachine serves the run state, the machine's description and its workloads.
 func registerMachine(srv *qmp.Server, m *vmm.Machine, d *daemon) {
 	srv.Handle("query-status", handle(func() (any, error) {
@@ -53,31 +70,50 @@ func registerMachine(srv *qmp.Server, m *vmm.Machine, d *daemon) {
 		return map[string]bool{"enabled": m.KVM(), "present": kvm.Available() == nil}, nil
 	}))
 	srv.Handle("query-memory-size-summary", handle(func() (any, error) {
-		return map[string]uint64{"base-memory": uint64(len(m.Memory()))}, nil
+		// There is no memory hotplug: nothing is ever plugged.
+		return map[string]uint64{"base-memory": uint64(len(m.Memory())), "plugged-memory": 0}, nil
+	}))
+	srv.Handle("query-target", handle(func() (any, error) {
+		return map[string]string{"arch": "x86_64"}, nil
+	}))
+	srv.Handle("query-machines", handle(func() (any, error) {
+		// One machine type, migvisor's: no ACPI, no NUMA, no CPU hotplug, and no memory
+		// backend (so no default-ram-id).
+		return []map[string]any{{
+			"name": machineName, "is-default": true, "cpu-max": maxCPUs,
+			"hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": false,
+			"default-cpu-type": cpuTypeName, "acpi": false,
+		}}, nil
+	}))
+	srv.Handle("query-current-machine", handle(func() (any, error) {
+		return map[string]bool{"wakeup-suspend-support": false}, nil // no suspend without ACPI
+	}))
+	srv.Handle("query-hotpluggable-cpus", handle(func() (any, error) {
+		type hotpluggable struct {
+			Type       string   `json:"type"`
+			VCPUsCount int      `json:"vcpus-count"`
+			Props      cpuProps `json:"props"`
+			QOMPath    string   `json:"qom-path"`
+		}
+		// Every slot is filled (maxcpus is cpus): each vCPU with its path, no empty slot.
+		cpus := make([]hotpluggable, m.NumCPUs())
+		for i := range cpus {
+			cpus[i] = hotpluggable{Type: cpuTypeName, VCPUsCount: 1, Props: cpuProps{CoreID: i}, QOMPath: cpuQOMPath(i)}
+		}
+		return cpus, nil
 	}))
 	srv.Handle("query-cpus-fast", handle(func() (any, error) {
-		type props struct {
-			CoreID   int `json:"core-id"`
-			ThreadID int `json:"thread-id"`
-			SocketID int `json:"socket-id"`
-		}
 		type cpuInfo struct {
-			ThreadID int    `json:"thread-id"`
-			Props    props  `json:"props"`
-			QOMPath  string `json:"qom-path"`
-			CPUIndex int    `json:"cpu-index"`
-			Target   string `json:"target"`
+			ThreadID int      `json:"thread-id"`
+			Props    cpuProps `json:"props"`
+			QOMPath  string   `json:"qom-path"`
+			CPUIndex int      `json:"cpu-index"`
+			Target   string   `json:"target"`
 		}
 		cpus := make([]cpuInfo, m.NumCPUs())
 		for i := range cpus {
-			// QEMU's x86 machine puts another device between the first two CPUs in
-			// /machine/unattached, so CPU i > 0 sits at device[i+1].
-			dev := i
-			if i > 0 {
-				dev = i + 1
-			}
-			cpus[i] = cpuInfo{ThreadID: m.ThreadID(i), Props: props{CoreID: i}, CPUIndex: i, Target: "x86_64",
-				QOMPath: fmt.Sprintf("/machine/unattached/device[%d]", dev)}
+			cpus[i] = cpuInfo{ThreadID: m.ThreadID(i), Props: cpuProps{CoreID: i}, CPUIndex: i, Target: "x86_64",
+				QOMPath: cpuQOMPath(i)}
 		}
 		return cpus, nil
 	}))
