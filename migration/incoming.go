@@ -238,7 +238,7 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 	// The page checksums of the digest are kept as pages arrive, while they are in cache, so
 	// that checking the digest does not reread memory during the downtime.
 	npages := len(mem) / PageSize
-	sums := make([]uint32, npages)
+	sums := newPageSums(npages)
 	seen := make([]bool, npages)
 	var cpu []byte
 	for {
@@ -253,14 +253,19 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 					return err
 				}
 			}
-			for p := int(rec.First); p < int(rec.First)+int(rec.Count); p++ {
-				if rec.Kind == KindZeroPages {
-					sums[p] = zeroPageSum
-				} else {
-					sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
+			lo, hi := int(rec.First), int(rec.First)+int(rec.Count)
+			if rec.Kind == KindZeroPages {
+				sums.setRange(lo, hi, zeroPageSum)
+			} else {
+				for p := lo; p < hi; p++ {
+					sums.set(p, PageSum(mem[p*PageSize:(p+1)*PageSize]))
 				}
+			}
+			for p := lo; p < hi; p++ {
 				seen[p] = true
 			}
+		case KindEndOfSection:
+			sums.refresh() // between passes, so that the digest at the end has little to hash
 		case KindCPU:
 			cpu = append(cpu[:0], rec.CPU...)
 		case KindTrailer:
@@ -269,10 +274,10 @@ func (d *incomingRun) load(c inConn, canReply bool, returnPath *bool) error {
 			}
 			for p, ok := range seen {
 				if !ok { // never sent: what this machine has must match too
-					sums[p] = PageSum(mem[p*PageSize : (p+1)*PageSize])
+					sums.set(p, PageSum(mem[p*PageSize:(p+1)*PageSize]))
 				}
 			}
-			if DigestOf(uint64(len(mem)), sums) != rec.Digest {
+			if sums.digest(uint64(len(mem))) != rec.Digest {
 				return ErrDigestMismatch
 			}
 			if err := mach.LoadCPU(cpu); err != nil {

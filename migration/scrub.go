@@ -33,9 +33,7 @@ func (s *sender) setup() error {
 		if err := s.enc.WriteZeroPages(uint64(p), end-p); err != nil {
 			return s.r.ioError(err)
 		}
-		for q := p; q < end; q++ {
-			s.sums[q] = zeroPageSum
-		}
+		s.sums.setRange(p, end, zeroPageSum)
 		zeroes += int64(end - p)
 		p = nextUnmarked(s.bm, end, s.npages)
 	}
@@ -66,7 +64,7 @@ func (s *sender) scrub(until time.Time) {
 			if (s.bm[w]|s.suspect[w])&bit != 0 || s.populated[w]&bit == 0 {
 				continue // going again anyway, suspected already, or a hole
 			}
-			if PageSum(s.mem[p*PageSize:(p+1)*PageSize]) != s.sums[p] {
+			if PageSum(s.mem[p*PageSize:(p+1)*PageSize]) != s.sums.sums[p] {
 				s.suspect[w] |= bit
 				s.suspects++
 			}
@@ -124,7 +122,7 @@ func (s *sender) startStopCheck() *memCheck {
 		deadline = s.r.downStart.Add(time.Duration(p.DowntimeLimit) * time.Millisecond / stopCheckShare)
 	}
 	s.stopSkip = skip
-	return checkMemory(s.mem, s.sums, skip, s.scrubAt, deadline)
+	return checkMemory(s.mem, s.sums.sums, skip, s.scrubAt, deadline)
 }
 
 // finishStopCheck waits for the check and sends again what it found changed: memory is
@@ -134,7 +132,7 @@ func (s *sender) finishStopCheck(c *memCheck) error {
 	res := c.wait()
 	s.checked += res.checked
 	if len(res.missed) > 0 && !res.whole {
-		all := checkMemory(s.mem, s.sums, s.stopSkip, 0, time.Time{}).wait()
+		all := checkMemory(s.mem, s.sums.sums, s.stopSkip, 0, time.Time{}).wait()
 		s.checked += all.checked
 		res.missed = all.missed
 	}

@@ -15,7 +15,8 @@ func TestScrubFindsWhatTheLogMissed(t *testing.T) {
 	m := newFakeMachine(pages, 1)
 	fill(m.mem)
 	log := m.NewDirtyLog().(*fakeLog)
-	s := &sender{mach: m, mem: m.mem, npages: pages, sums: PageSums(m.mem), log: log}
+	s := &sender{mach: m, mem: m.mem, npages: pages, sums: newPageSums(pages), log: log}
+	copy(s.sums.sums, PageSums(m.mem))
 	words := (pages + 63) / 64
 	s.bm, s.scratch, s.suspect, s.populated = make([]uint64, words), make([]uint64, words), make([]uint64, words), make([]uint64, words)
 	m.PopulatedPages(s.populated)

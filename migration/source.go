@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -274,7 +275,7 @@ func (r *sourceRun) precopy() error {
 	mem := mach.Memory()
 	s := &sender{
 		r: r, mach: mach, enc: NewEncoder(out), mem: mem, npages: len(mem) / PageSize,
-		sums: make([]uint32, len(mem)/PageSize),
+		sums: newPageSums(len(mem) / PageSize),
 	}
 	s.enc.SetGuestMemory(mem)
 	defer s.enc.Close()
@@ -389,7 +390,7 @@ type sender struct {
 	cursor int
 	// sums holds the checksum of what was last sent of each page (every page is sent in the
 	// first pass); at the stop it is checked against memory, then digested.
-	sums []uint32
+	sums *pageSums
 	zero [runPages]bool // writeRun's: which pages of the run are zero
 
 	// The scrub: while precopy waits for its bandwidth window it rereads pages the dirty log
@@ -405,6 +406,7 @@ type sender struct {
 	missed    int // writes the log missed, found by the scrub or at the stop
 	firstMiss int
 	stopSkip  []uint64 // what the check at the stop leaves out
+	down      stopwatch
 	checked   int      // pages the check at the stop read
 
 	winStart   time.Time
@@ -520,6 +522,9 @@ func (s *sender) sync() {
 	}
 	s.dirty = n
 	s.syncCount++
+	if !s.stopped {
+		s.sums.refresh() // between passes, so that the digest at the stop has little to hash
+	}
 	s.lastSyncAt = time.Now()
 	s.periodPgs += int64(added)
 	s.lastSync = int64(n) * PageSize
@@ -625,9 +630,9 @@ func (s *sender) writeRun(first, n int) error {
 		z := s.r.zeroCheck && isZero(page)
 		zero[p-first] = z
 		if z {
-			s.sums[p] = zeroPageSum
+			s.sums.set(p, zeroPageSum)
 		} else {
-			s.sums[p] = PageSum(page)
+			s.sums.set(p, PageSum(page))
 		}
 	})))
 	var normal, zeroes int64
@@ -702,6 +707,8 @@ func (s *sender) complete() error {
 		return err
 	}
 	r.paused = true
+	s.down = stopwatch{last: r.downStart}
+	s.down.lap("stop")
 	r.mu.Lock()
 	if r.state == StatusActive {
 		r.setStateLocked(StatusDevice)
@@ -709,6 +716,8 @@ func (s *sender) complete() error {
 	r.mu.Unlock()
 	s.stopped, s.stopBytes = true, s.enc.Written()
 	s.sync()
+	s.down.lap("sync")
+	finalPages := s.dirty
 	// Memory no longer changes: check it, within the downtime budget, while the rest goes
 	// out, and send again what the dirty log missed; then the vCPU state.
 	check := s.startStopCheck()
@@ -718,21 +727,25 @@ func (s *sender) complete() error {
 		}
 		return err
 	}
+	s.down.lap(fmt.Sprintf("send %d pages", finalPages))
 	if check != nil {
 		if err := s.finishStopCheck(check); err != nil {
 			return err
 		}
+		s.down.lap(fmt.Sprintf("check %d pages", s.checked))
 	}
 	if err := s.sendCPU(); err != nil {
 		return err
 	}
+	s.down.lap("vCPU state")
 	// Every page holds what was last sent of it: the digest is that of memory as it stopped.
-	if err := s.enc.WriteTrailer(DigestOf(uint64(len(s.mem)), s.sums)); err != nil {
+	if err := s.enc.WriteTrailer(s.sums.digest(uint64(len(s.mem)))); err != nil {
 		return r.ioError(err)
 	}
 	if err := s.enc.Flush(); err != nil {
 		return r.ioError(err)
 	}
+	s.down.lap("digest")
 	r.mu.Lock()
 	r.stats.Transferred = s.enc.Written()
 	r.stats.DowntimeBytes = uint64(s.enc.Written() - s.stopBytes)
@@ -747,6 +760,7 @@ func (s *sender) complete() error {
 		case <-r.ctx.Done():
 			return errCancelled
 		}
+		s.down.lap("destination's verdict")
 	}
 	r.mu.Lock()
 	if r.cancelRequested {
@@ -760,5 +774,26 @@ func (s *sender) complete() error {
 			return err
 		}
 	}
-	return out.finish()
+	err := out.finish()
+	s.down.lap("close")
+	r.m.cfg.Logf("migration to %s: downtime %s", r.addr, s.down)
+	return err
+}
+
+// stopwatch times the steps of the downtime, for the log line that says where it went.
+type stopwatch struct {
+	last  time.Time
+	total time.Duration
+	laps  []string
+}
+
+func (w *stopwatch) lap(what string) {
+	now := time.Now()
+	d := now.Sub(w.last)
+	w.last, w.total = now, w.total+d
+	w.laps = append(w.laps, fmt.Sprintf("%s %.1f", what, float64(d.Microseconds())/1000))
+}
+
+func (w stopwatch) String() string {
+	return fmt.Sprintf("%.1f ms: %s", float64(w.total.Microseconds())/1000, strings.Join(w.laps, ", "))
 }

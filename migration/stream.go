@@ -3,7 +3,6 @@ package migration
 import (
 	"bufio"
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -617,17 +616,3 @@ func isZero(page []byte) bool { return string(page) == string(zeroPage[:]) }
 
 // zeroPageSum is PageSum of a zero page.
 var zeroPageSum = PageSum(zeroPage[:])
-
-// DigestOf combines the page checksums of a memory of size bytes.
-func DigestOf(size uint64, sums []uint32) Digest {
-	h := sha256.New()
-	b := make([]byte, 8, 8+4*len(sums))
-	binary.BigEndian.PutUint64(b, size)
-	for _, s := range sums {
-		b = binary.BigEndian.AppendUint32(b, s)
-	}
-	h.Write(b)
-	var d Digest
-	h.Sum(d[:0])
-	return d
-}

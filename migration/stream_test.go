@@ -364,3 +364,27 @@ func socketPair(network, dir string) (net.Conn, net.Conn, error) {
 	}
 	return a, b, nil
 }
+
+// The digest kept as pages come (whole zero chunks as a constant, the rest rehashed where
+// they changed) is the digest of the checksums computed afresh.
+func TestPageSumsDigestIsIncremental(t *testing.T) {
+	const pages = 3*digestChunk + 17 // a short last chunk
+	ps := newPageSums(pages)
+	ps.setRange(0, pages, zeroPageSum)
+	sums := make([]uint32, pages)
+	for i := range sums {
+		sums[i] = zeroPageSum
+	}
+	require.Equal(t, DigestOf(pages*PageSize, sums), ps.digest(pages*PageSize))
+	for _, p := range []int{5, digestChunk + 1, pages - 1} {
+		ps.set(p, uint32(p))
+		sums[p] = uint32(p)
+		require.Equal(t, DigestOf(pages*PageSize, sums), ps.digest(pages*PageSize), "after page %d", p)
+	}
+	ps.setRange(digestChunk-3, 2*digestChunk+3, zeroPageSum) // a whole chunk and two parts
+	for p := digestChunk - 3; p < 2*digestChunk+3; p++ {
+		sums[p] = zeroPageSum
+	}
+	require.Equal(t, DigestOf(pages*PageSize, sums), ps.digest(pages*PageSize))
+	require.NotEqual(t, DigestOf(pages*PageSize, sums), DigestOf((pages-1)*PageSize, sums[:pages-1]))
+}

@@ -40,6 +40,12 @@ func startDaemon(ctx context.Context, dir, name string, args ...string) (*daemon
 	if err != nil {
 		return nil, err
 	}
+	return startProcess(ctx, dir, name, bin, args...)
+}
+
+// startProcess runs bin (migvisor or QEMU: the same options) with args plus -name and a QMP
+// socket in dir, and connects to it.
+func startProcess(ctx context.Context, dir, name, bin string, args ...string) (*daemon, error) {
 	sock := filepath.Join(dir, name+".qmp")
 	args = append(args, "-name", name, "-qmp", "unix:"+sock+",server=on,wait=off")
 	cmd := exec.Command(bin, args...)

@@ -16,6 +16,7 @@ import (
 
 const usage = `usage: migctl SOCKET COMMAND [key=value ...]
        migctl bench-migrate [flags]   (migctl bench-migrate -h lists them)
+       migctl bench-sweep [flags]     idle sizes and vCPU counts beside QEMU, the busy tail (-h lists them)
 
 SOCKET is a unix socket path or tcp:HOST:PORT. Each value is read as JSON when it parses as JSON
 (numbers, true/false, null, lists, objects) and as a string otherwise; key=@FILE reads the JSON
@@ -27,6 +28,9 @@ func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && args[0] == "bench-migrate" {
 		return benchMigrate(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "bench-sweep" {
+		return benchSweep(args[1:], stdout, stderr)
 	}
 	if len(args) < 2 || args[0] == "-h" || args[0] == "-help" || args[0] == "--help" {
 		fmt.Fprint(stderr, usage)
