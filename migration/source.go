@@ -407,7 +407,7 @@ type sender struct {
 	firstMiss int
 	stopSkip  []uint64 // what the check at the stop leaves out
 	down      stopwatch
-	checked   int      // pages the check at the stop read
+	checked   int // pages the check at the stop read
 
 	winStart   time.Time
 	winBytes   int64
