@@ -142,6 +142,39 @@ func TestDispatch(t *testing.T) {
 	require.Contains(t, c.line(t), `"event": "X"`)
 }
 
+// A numeric id comes back as QEMU 10.0.2 printed it (each want was read from a real QEMU): an
+// int64, else a uint64, else a double with %.17g, where glibc writes infinities as inf.
+func TestIDNumbers(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	c := dialRaw(t, serveUnix(t, srv))
+	c.negotiate(t, "")
+	for _, tc := range []struct{ name, id, want string }{
+		{"above a double", "1e400", "inf"},
+		{"below a double", "-1e400", "-inf"},
+		{"100,000 digits", "1" + strings.Repeat("0", 100000), "inf"},
+		{"100,000 digits, negative", "-1" + strings.Repeat("0", 100000), "-inf"},
+		{"301 digits", "1" + strings.Repeat("0", 300), "1.0000000000000001e+300"},
+		{"largest power of ten", "1e308", "1e+308"},
+		{"int64 beyond 53 bits", "9007199254740993", "9007199254740993"},
+		{"beyond uint64", "18446744073709551616", "1.8446744073709552e+19"},
+		{"beyond int64", "-9223372036854775809", "-9.2233720368547758e+18"},
+		{"underflow", "1e-400", "0"},
+		{"negative underflow", "-1e-400", "-0"},
+		{"negative zero float", "-0.0", "-0"},
+		{"negative zero integer", "-0", "0"},
+		{"smallest denormal", "4.9e-324", "4.9406564584124654e-324"},
+		{"integral float", "1E2", "100"},
+		{"float beyond 17 digits", "123456789012345678.0", "1.2345678901234568e+17"},
+		{"1e16", "1e16", "10000000000000000"},
+		{"small exponent", "1.5e-7", "1.4999999999999999e-07"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c.send(t, `{"execute": "query-kvm", "id": `+tc.id+`}`)
+			require.Equal(t, `{"return": {"enabled": true, "present": true}, "id": `+tc.want+`}`, c.line(t))
+		})
+	}
+}
+
 func TestHandlerErrors(t *testing.T) {
 	srv, _ := newFakeServer(t)
 	srv.Handle("echo", func(_ context.Context, args json.RawMessage) (any, error) {
