@@ -58,6 +58,7 @@ func FuzzServerInput(f *testing.F) {
 		close(vm.release)
 		client, server := socketPair(t)
 		defer client.Close()
+		require.True(t, srv.reserveSlot())
 		srv.start(server)
 
 		out := make(chan []byte)

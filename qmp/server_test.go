@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"strings"
+	"os"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -397,4 +399,78 @@ func TestServeListenerError(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, l.Close())
 	require.ErrorIs(t, srv.Serve(l), net.ErrClosed)
+}
+
+// Accept errors other than a closed listener do not end Serve: it pauses and tries again, and
+// logs the burst once and the recovery once.
+func TestServeRetriesAcceptErrors(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ECONNABORTED} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			srv, _ := newFakeServer(t)
+			var log logLines
+			srv.Logf = log.logf
+			l := newFakeListener()
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(l) }()
+
+			acceptErr := &net.OpError{Op: "accept", Net: "unix", Err: os.NewSyscallError("accept4", errno)}
+			client, server := socketPair(t)
+			defer client.Close()
+			for _, r := range []acceptResult{{err: acceptErr}, {err: acceptErr}, {err: acceptErr}, {conn: server}} {
+				select {
+				case l.accepts <- r:
+				case err := <-served:
+					t.Fatalf("Serve returned %v after %v", err, acceptErr)
+				}
+			}
+			c := &rawConn{client, bufio.NewReader(client)}
+			require.Contains(t, c.line(t), `"QMP"`)
+			c.negotiate(t, "")
+
+			require.NoError(t, srv.Close())
+			require.NoError(t, <-served)
+			require.Len(t, log.matching(errno.Error()), 1, "one line for the burst: %q", log.lines)
+			require.Len(t, log.matching("again, after 3 failures"), 1, "%q", log.lines)
+		})
+	}
+}
+
+// With MaxSessions clients connected, a further client waits unaccepted, as behind a QEMU
+// chardev that has its client, while the others work; it is greeted once one leaves.
+func TestMaxSessions(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	srv.MaxSessions = 2
+	var log logLines
+	srv.Logf = log.logf
+	atLimit := make(chan struct{}, 1)
+	srv.onLimit = func() {
+		select {
+		case atLimit <- struct{}{}:
+		default:
+		}
+	}
+	sock := serveUnix(t, srv)
+	a, b := dialRaw(t, sock), dialRaw(t, sock)
+	<-atLimit
+
+	third, err := net.Dial("unix", sock) // queued by the kernel, not accepted
+	require.NoError(t, err)
+	defer third.Close()
+	_, err = io.WriteString(third, `{"execute": "qmp_capabilities"}{"execute": "query-kvm", "id": 3}`)
+	require.NoError(t, err)
+	a.negotiate(t, "")
+	b.negotiate(t, "")
+	srv.mu.Lock()
+	n := len(srv.sessions)
+	srv.mu.Unlock()
+	require.Equal(t, 2, n, "Serve waits at the limit")
+
+	require.NoError(t, a.Close())
+	c := &rawConn{third, bufio.NewReader(third)}
+	require.Contains(t, c.line(t), `"QMP"`)
+	require.Equal(t, `{"return": {}}`, c.line(t))
+	require.Equal(t, `{"return": {"enabled": true, "present": true}, "id": 3}`, c.line(t))
+	b.send(t, `{"execute": "query-kvm"}`)
+	require.Equal(t, `{"return": {"enabled": true, "present": true}}`, b.line(t))
+	require.Len(t, log.matching("2 clients connected, the most allowed"), 1, "%q", log.lines)
 }
