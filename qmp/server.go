@@ -82,6 +82,7 @@ type Server struct {
 	starting  int        // slots reserved by Serve for connections being accepted
 	slotFreed *sync.Cond // on mu: a session ended, or the server closed
 	atLimit   bool       // the session limit was logged and not yet left behind
+	logged    map[string]bool
 	closed    bool
 
 	// dispatch runs in-band commands one at a time across all clients, as QEMU's single
@@ -176,6 +177,21 @@ func (s *Server) versionValue() *value {
 func (s *Server) logf(format string, args ...any) {
 	if s.Logf != nil {
 		s.Logf(format, args...)
+	}
+}
+
+// logOnce logs the first failure of a kind (an event that cannot be marshalled, a handler that
+// panics): one that recurs with every emit or request would otherwise flood the log.
+func (s *Server) logOnce(key, format string, args ...any) {
+	s.mu.Lock()
+	seen := s.logged[key]
+	if s.logged == nil {
+		s.logged = make(map[string]bool)
+	}
+	s.logged[key] = true
+	s.mu.Unlock()
+	if !seen {
+		s.logf(format, args...)
 	}
 }
 
@@ -316,7 +332,7 @@ func (s *Server) Emit(name string, data any) {
 	if data != nil {
 		d, err := marshalValue(data)
 		if err != nil {
-			s.logf("qmp: event %s dropped: %v", name, err)
+			s.logOnce("event "+name, "qmp: event %s dropped: %v", name, err)
 			return
 		}
 		ev.add("data", d)

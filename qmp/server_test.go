@@ -474,3 +474,32 @@ func TestMaxSessions(t *testing.T) {
 	require.Equal(t, `{"return": {"enabled": true, "present": true}}`, b.line(t))
 	require.Len(t, log.matching("2 clients connected, the most allowed"), 1, "%q", log.lines)
 }
+
+// What no client can be told reaches Logf, one line for each failure however often it recurs:
+// a client dropped for not reading, a handler's panic, an event that cannot be marshalled.
+func TestLogf(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	srv.OutputLimit = 64 << 10
+	var log logLines
+	srv.Logf = log.logf
+	sock := serveUnix(t, srv)
+	slow := dialRaw(t, sock) // never reads
+	slow.negotiate(t, "")
+	c := dialRaw(t, sock)
+	c.negotiate(t, "")
+
+	for range 3 {
+		c.send(t, `{"execute": "boom"}`)
+		require.Contains(t, c.line(t), "internal error: boom")
+		srv.Emit("BAD", map[string]any{"f": func() {}})
+	}
+	// Beyond what the socket buffers, the slow client's output passes the limit; more follows.
+	pad := map[string]string{"pad": strings.Repeat("x", 16<<10)}
+	for range 256 {
+		srv.Emit("TICK", pad)
+		require.Contains(t, c.line(t), `"event": "TICK"`)
+	}
+	require.Len(t, log.matching("handler panicked: boom"), 1, "%q", log.lines)
+	require.Len(t, log.matching("event BAD dropped"), 1, "%q", log.lines)
+	require.Len(t, log.matching("dropped: more than 65536 bytes of output waiting"), 1, "%q", log.lines)
+}
