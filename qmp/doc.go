@@ -21,9 +21,8 @@
 // client gets its replies in request order; exec-oob commands run at once. Events go to every
 // client past negotiation; an event emitted by a handler precedes the handler's reply.
 //
-// Where QEMU's behaviour cannot be kept: an id or argument number beyond a double's range is
-// echoed as the client wrote it (QEMU prints "inf", which is not JSON); and every client may
-// connect at once, where a QEMU socket serves one at a time.
+// Numbers are printed as QEMU holds them, so an id beyond a double's range comes back as inf
+// or -inf, as from QEMU (which is not JSON).
 //
 // Client: Dial connects and negotiates; Execute matches replies by id and returns QMP errors
 // as *qerr.Error; Events delivers events without ever blocking the connection.

@@ -95,7 +95,7 @@ func TestDecoder(t *testing.T) {
 		{"uint64", "18446744073709551615 ", []string{"18446744073709551615"}},
 		{"beyond uint64", "18446744073709551616 ", []string{"1.8446744073709552e+19"}},
 		{"beyond int64", "-9223372036854775809 ", []string{"-9.2233720368547758e+18"}},
-		{"infinite stays as written", "1e400 ", []string{"1e400"}},
+		{"beyond a double", "1e400 ", []string{"inf"}},
 		{"literals", "[true, false, null]", []string{"[true, false, null]"}},
 		{"empty containers", "{} []", []string{"{}", "[]"}},
 		{"nested", `{"a": [1, {"b": "c"}]}`, []string{`{"a": [1, {"b": "c"}]}`}},

@@ -42,8 +42,11 @@ type Version struct {
 	Package             string
 }
 
-// DefaultOutputLimit is the default Server.OutputLimit.
-const DefaultOutputLimit = 16 << 20
+// Defaults of the Server's limits.
+const (
+	DefaultOutputLimit = 16 << 20
+	DefaultMaxSessions = 64
+)
 
 const (
 	// queueLimit is how many in-band requests a client with the oob capability may have waiting
@@ -62,6 +65,9 @@ type Server struct {
 	// OutputLimit bounds the bytes waiting to be written to one client; a client that lets
 	// more pile up is disconnected. Zero means DefaultOutputLimit. Set before Serve.
 	OutputLimit int
+	// MaxSessions bounds the clients served at once; more wait to be accepted. Zero means
+	// DefaultMaxSessions. Set before Serve.
+	MaxSessions int
 	// Logf, if set, receives what no client can be told: dropped clients, handler panics,
 	// events that cannot be marshalled.
 	Logf func(format string, args ...any)
@@ -73,6 +79,10 @@ type Server struct {
 	handlers  map[string]Handler
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
+	starting  int        // slots reserved by Serve for connections being accepted
+	slotFreed *sync.Cond // on mu: a session ended, or the server closed
+	atLimit   bool       // the session limit was logged and not yet left behind
+	logged    map[string]bool
 	closed    bool
 
 	// dispatch runs in-band commands one at a time across all clients, as QEMU's single
@@ -82,6 +92,7 @@ type Server struct {
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	onPanic  func(any) // tests: surface recovered panics
+	onLimit  func()    // tests: Serve waits for a session to end
 }
 
 // NewServer returns a server for the commands of cat, reporting version v.
@@ -93,6 +104,7 @@ func NewServer(cat Catalog, v Version) *Server {
 		listeners: make(map[net.Listener]struct{}),
 		sessions:  make(map[*session]struct{}),
 	}
+	s.slotFreed = sync.NewCond(&s.mu)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.handlers["query-version"] = func(context.Context, json.RawMessage) (any, error) {
 		return s.versionValue(), nil // built in QEMU's insertion order, see qdictOrder
@@ -168,8 +180,28 @@ func (s *Server) logf(format string, args ...any) {
 	}
 }
 
+// logOnce logs the first failure of a kind (an event that cannot be marshalled, a handler that
+// panics): one that recurs with every emit or request would otherwise flood the log.
+func (s *Server) logOnce(key, format string, args ...any) {
+	s.mu.Lock()
+	seen := s.logged[key]
+	if s.logged == nil {
+		s.logged = make(map[string]bool)
+	}
+	s.logged[key] = true
+	s.mu.Unlock()
+	if !seen {
+		s.logf(format, args...)
+	}
+}
+
 // Serve accepts clients on l until Close; it may run for several listeners at once. It returns
-// nil once the server is closed, or the listener's error.
+// nil once the server is closed, or the listener's error once it is closed under Serve.
+//
+// With MaxSessions clients connected it accepts no more, as a QEMU socket chardev stops
+// listening while it has its client: further clients wait in the listen backlog and are greeted
+// once a session ends. Other accept errors (out of file descriptors, a connection aborted
+// before it was accepted, ...) are retried with a growing pause, as net/http does.
 func (s *Server) Serve(l net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
@@ -185,28 +217,75 @@ func (s *Server) Serve(l net.Listener) error {
 		s.mu.Unlock()
 	}()
 
-	var backoff time.Duration
+	var (
+		backoff  time.Duration
+		failures int
+	)
 	for {
+		if !s.reserveSlot() {
+			return nil
+		}
 		conn, err := l.Accept()
 		if err != nil {
+			s.releaseSlot()
 			s.mu.Lock()
 			closed := s.closed
 			s.mu.Unlock()
 			if closed {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Out of file descriptors and the like: wait, as net/http does.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				time.Sleep(backoff)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return err
 			}
-			return err
+			if failures == 0 {
+				s.logf("qmp: accepting a client on %v: %v; retrying", l.Addr(), err)
+			}
+			failures++
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(backoff):
+			case <-s.ctx.Done():
+			}
+			continue
 		}
-		backoff = 0
+		if failures > 0 {
+			s.logf("qmp: accepting clients on %v again, after %d failures", l.Addr(), failures)
+		}
+		backoff, failures = 0, 0
 		s.start(conn)
 	}
+}
+
+// reserveSlot waits until one more session may start, and counts it as starting; false means
+// the server closed.
+func (s *Server) reserveSlot() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for !s.closed && len(s.sessions)+s.starting >= s.maxSessions() {
+		if !s.atLimit {
+			s.atLimit = true
+			s.logf("qmp: %d clients connected, the most allowed: new clients wait until one leaves", s.maxSessions())
+		}
+		if s.onLimit != nil {
+			s.onLimit()
+		}
+		s.slotFreed.Wait()
+	}
+	s.starting++
+	return !s.closed
+}
+
+func (s *Server) releaseSlot() {
+	s.mu.Lock()
+	s.starting--
+	s.mu.Unlock()
+}
+
+func (s *Server) maxSessions() int {
+	if s.MaxSessions > 0 {
+		return s.MaxSessions
+	}
+	return DefaultMaxSessions
 }
 
 // Close stops the listeners, lets running commands finish and their replies (and the events
@@ -220,6 +299,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.slotFreed.Broadcast()
 	var err error
 	for l := range s.listeners {
 		if e := l.Close(); e != nil && err == nil {
@@ -252,7 +332,7 @@ func (s *Server) Emit(name string, data any) {
 	if data != nil {
 		d, err := marshalValue(data)
 		if err != nil {
-			s.logf("qmp: event %s dropped: %v", name, err)
+			s.logOnce("event "+name, "qmp: event %s dropped: %v", name, err)
 			return
 		}
 		ev.add("data", d)
@@ -280,9 +360,11 @@ func marshalValue(v any) (*value, error) {
 	return pv, nil
 }
 
+// start serves conn; the caller has reserved its slot.
 func (s *Server) start(conn net.Conn) {
 	ss := newSession(s, conn)
 	s.mu.Lock()
+	s.starting--
 	if s.closed {
 		s.mu.Unlock()
 		conn.Close()
@@ -304,6 +386,11 @@ func (s *Server) removeSession(ss *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.sessions, ss)
+	// The burst of refused clients is over once half the slots are free again.
+	if len(s.sessions) <= (s.maxSessions()-1)/2 {
+		s.atLimit = false
+	}
+	s.slotFreed.Broadcast()
 }
 
 // recovered reports a panic that escaped into the server's own goroutines.

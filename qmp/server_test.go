@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/migvisor/migvisor/qerr"
@@ -140,6 +142,39 @@ func TestDispatch(t *testing.T) {
 	}
 	srv.Emit("X", nil) // the session is still usable after all that
 	require.Contains(t, c.line(t), `"event": "X"`)
+}
+
+// A numeric id comes back as QEMU 10.0.2 printed it (each want was read from a real QEMU): an
+// int64, else a uint64, else a double with %.17g, where glibc writes infinities as inf.
+func TestIDNumbers(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	c := dialRaw(t, serveUnix(t, srv))
+	c.negotiate(t, "")
+	for _, tc := range []struct{ name, id, want string }{
+		{"above a double", "1e400", "inf"},
+		{"below a double", "-1e400", "-inf"},
+		{"100,000 digits", "1" + strings.Repeat("0", 100000), "inf"},
+		{"100,000 digits, negative", "-1" + strings.Repeat("0", 100000), "-inf"},
+		{"301 digits", "1" + strings.Repeat("0", 300), "1.0000000000000001e+300"},
+		{"largest power of ten", "1e308", "1e+308"},
+		{"int64 beyond 53 bits", "9007199254740993", "9007199254740993"},
+		{"beyond uint64", "18446744073709551616", "1.8446744073709552e+19"},
+		{"beyond int64", "-9223372036854775809", "-9.2233720368547758e+18"},
+		{"underflow", "1e-400", "0"},
+		{"negative underflow", "-1e-400", "-0"},
+		{"negative zero float", "-0.0", "-0"},
+		{"negative zero integer", "-0", "0"},
+		{"smallest denormal", "4.9e-324", "4.9406564584124654e-324"},
+		{"integral float", "1E2", "100"},
+		{"float beyond 17 digits", "123456789012345678.0", "1.2345678901234568e+17"},
+		{"1e16", "1e16", "10000000000000000"},
+		{"small exponent", "1.5e-7", "1.4999999999999999e-07"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c.send(t, `{"execute": "query-kvm", "id": `+tc.id+`}`)
+			require.Equal(t, `{"return": {"enabled": true, "present": true}, "id": `+tc.want+`}`, c.line(t))
+		})
+	}
 }
 
 func TestHandlerErrors(t *testing.T) {
@@ -364,4 +399,107 @@ func TestServeListenerError(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, l.Close())
 	require.ErrorIs(t, srv.Serve(l), net.ErrClosed)
+}
+
+// Accept errors other than a closed listener do not end Serve: it pauses and tries again, and
+// logs the burst once and the recovery once.
+func TestServeRetriesAcceptErrors(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ECONNABORTED} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			srv, _ := newFakeServer(t)
+			var log logLines
+			srv.Logf = log.logf
+			l := newFakeListener()
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(l) }()
+
+			acceptErr := &net.OpError{Op: "accept", Net: "unix", Err: os.NewSyscallError("accept4", errno)}
+			client, server := socketPair(t)
+			defer client.Close()
+			for _, r := range []acceptResult{{err: acceptErr}, {err: acceptErr}, {err: acceptErr}, {conn: server}} {
+				select {
+				case l.accepts <- r:
+				case err := <-served:
+					t.Fatalf("Serve returned %v after %v", err, acceptErr)
+				}
+			}
+			c := &rawConn{client, bufio.NewReader(client)}
+			require.Contains(t, c.line(t), `"QMP"`)
+			c.negotiate(t, "")
+
+			require.NoError(t, srv.Close())
+			require.NoError(t, <-served)
+			require.Len(t, log.matching(errno.Error()), 1, "one line for the burst: %q", log.lines)
+			require.Len(t, log.matching("again, after 3 failures"), 1, "%q", log.lines)
+		})
+	}
+}
+
+// With MaxSessions clients connected, a further client waits unaccepted, as behind a QEMU
+// chardev that has its client, while the others work; it is greeted once one leaves.
+func TestMaxSessions(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	srv.MaxSessions = 2
+	var log logLines
+	srv.Logf = log.logf
+	atLimit := make(chan struct{}, 1)
+	srv.onLimit = func() {
+		select {
+		case atLimit <- struct{}{}:
+		default:
+		}
+	}
+	sock := serveUnix(t, srv)
+	a, b := dialRaw(t, sock), dialRaw(t, sock)
+	<-atLimit
+
+	third, err := net.Dial("unix", sock) // queued by the kernel, not accepted
+	require.NoError(t, err)
+	defer third.Close()
+	_, err = io.WriteString(third, `{"execute": "qmp_capabilities"}{"execute": "query-kvm", "id": 3}`)
+	require.NoError(t, err)
+	a.negotiate(t, "")
+	b.negotiate(t, "")
+	srv.mu.Lock()
+	n := len(srv.sessions)
+	srv.mu.Unlock()
+	require.Equal(t, 2, n, "Serve waits at the limit")
+
+	require.NoError(t, a.Close())
+	c := &rawConn{third, bufio.NewReader(third)}
+	require.Contains(t, c.line(t), `"QMP"`)
+	require.Equal(t, `{"return": {}}`, c.line(t))
+	require.Equal(t, `{"return": {"enabled": true, "present": true}, "id": 3}`, c.line(t))
+	b.send(t, `{"execute": "query-kvm"}`)
+	require.Equal(t, `{"return": {"enabled": true, "present": true}}`, b.line(t))
+	require.Len(t, log.matching("2 clients connected, the most allowed"), 1, "%q", log.lines)
+}
+
+// What no client can be told reaches Logf, one line for each failure however often it recurs:
+// a client dropped for not reading, a handler's panic, an event that cannot be marshalled.
+func TestLogf(t *testing.T) {
+	srv, _ := newFakeServer(t)
+	srv.OutputLimit = 64 << 10
+	var log logLines
+	srv.Logf = log.logf
+	sock := serveUnix(t, srv)
+	slow := dialRaw(t, sock) // never reads
+	slow.negotiate(t, "")
+	c := dialRaw(t, sock)
+	c.negotiate(t, "")
+
+	for range 3 {
+		c.send(t, `{"execute": "boom"}`)
+		require.Contains(t, c.line(t), "internal error: boom")
+		srv.Emit("BAD", map[string]any{"f": func() {}})
+	}
+	// Beyond what the socket buffers, the slow client's output passes the limit; more follows.
+	pad := map[string]string{"pad": strings.Repeat("x", 16<<10)}
+	for range 256 {
+		srv.Emit("TICK", pad)
+		require.Contains(t, c.line(t), `"event": "TICK"`)
+	}
+	require.Len(t, log.matching("handler panicked: boom"), 1, "%q", log.lines)
+	require.Len(t, log.matching("event BAD dropped"), 1, "%q", log.lines)
+	require.Len(t, log.matching("dropped: more than 65536 bytes of output waiting"), 1, "%q", log.lines)
 }

@@ -267,7 +267,7 @@ func (ss *session) run(name string, req *value, oob, negotiating bool, id *value
 		srv.dispatch.Lock()
 		defer srv.dispatch.Unlock()
 	}
-	res, err := ss.call(srv.handler(name), norm)
+	res, err := ss.call(name, srv.handler(name), norm)
 	if err != nil {
 		return qerr.As(err)
 	}
@@ -286,10 +286,10 @@ func (ss *session) run(name string, req *value, oob, negotiating bool, id *value
 }
 
 // call runs a handler; a panic becomes an error reply instead of taking the daemon down.
-func (ss *session) call(h Handler, args json.RawMessage) (res any, err error) {
+func (ss *session) call(name string, h Handler, args json.RawMessage) (res any, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			ss.srv.logf("qmp: handler panicked: %v\n%s", r, debug.Stack())
+			ss.srv.logOnce("panic "+name, "qmp: %s: handler panicked: %v\n%s", name, r, debug.Stack())
 			res, err = nil, qerr.Generic("internal error: %v", r)
 		}
 	}()

@@ -182,7 +182,7 @@ func qdictOrder(v *value) []int {
 
 // appendQEMU writes v the way QEMU's JSON writer does: ", " and ": " separators, QDict member
 // order, ASCII only, and numbers as QEMU holds them (int64, else uint64, else double printed
-// with %.17g).
+// with %.17g, infinities as "inf" and "-inf").
 func appendQEMU(b []byte, v *value) []byte {
 	switch v.kind {
 	case kindNull:
@@ -227,10 +227,14 @@ func appendQEMUNumber(b []byte, v *value) []byte {
 			}
 		}
 	}
+	// QEMU reads the rest with strtod, which gives ±inf beyond a double's range, and prints
+	// that as glibc's %.17g does: "inf", which is not JSON but is what QEMU's clients get.
 	f, _ := strconv.ParseFloat(v.str, 64)
-	if math.IsInf(f, 0) {
-		// QEMU would print "inf", which is not JSON; the client's own text is.
-		return append(b, v.str...)
+	switch {
+	case math.IsInf(f, 1):
+		return append(b, "inf"...)
+	case math.IsInf(f, -1):
+		return append(b, "-inf"...)
 	}
 	return strconv.AppendFloat(b, f, 'g', 17, 64)
 }

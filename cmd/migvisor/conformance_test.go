@@ -57,6 +57,7 @@ type inProcess struct {
 	d    *daemon
 	sock string
 	done chan struct{}
+	log  syncBuffer // what the daemon logged
 }
 
 func startInProcess(t *testing.T, args ...string) *inProcess {
@@ -67,10 +68,11 @@ func startInProcess(t *testing.T, args ...string) *inProcess {
 	sock := filepath.Join(dir, "qmp.sock")
 	cfg, err := parseArgs(append(machineArgs(t, args), "-qmp", "unix:"+sock+",server=on,wait=off"))
 	require.NoError(t, err)
-	d, err := newDaemon(cfg, testLog{t})
+	p := &inProcess{sock: sock, done: make(chan struct{})}
+	d, err := newDaemon(cfg, io.MultiWriter(testLog{t}, &p.log))
 	require.NoError(t, err)
 	require.NoError(t, d.listen())
-	p := &inProcess{d: d, sock: sock, done: make(chan struct{})}
+	p.d = d
 	go func() { d.run(context.Background()); close(p.done) }()
 	t.Cleanup(func() {
 		d.shutdown()
@@ -285,4 +287,11 @@ func TestSchemaAndHandlersAgree(t *testing.T) {
 	p := startInProcess(t, ringMachine...)
 	require.Empty(t, p.d.srv.Missing())
 	require.NotEmpty(t, schema.Default().CommandNames())
+}
+
+// The daemon logs what its QMP server cannot tell a client, here an event it cannot send.
+func TestDaemonLogsQMPFailures(t *testing.T) {
+	p := startInProcess(t, ringMachine...)
+	p.d.srv.Emit("X_BAD", map[string]any{"f": func() {}})
+	require.Contains(t, p.log.String(), "migvisor: qmp: event X_BAD dropped: json: unsupported type: func()\n")
 }

@@ -47,6 +47,7 @@ func newDaemon(cfg *config, log io.Writer) (*daemon, error) {
 		return nil, err
 	}
 	d.srv = qmp.NewServer(schema.Default(), version)
+	d.srv.Logf = func(format string, args ...any) { fmt.Fprintf(log, "migvisor: "+format+"\n", args...) }
 	// The vCPUs start in run(), once QMP listens: prelaunch is the state before that.
 	initial := vmm.RunState("prelaunch")
 	if cfg.incoming != "" {
