@@ -21,6 +21,12 @@
 // client gets its replies in request order; exec-oob commands run at once. Events go to every
 // client past negotiation; an event emitted by a handler precedes the handler's reply.
 //
+// Descriptors: on a unix socket the server receives SCM_RIGHTS ancillary data with the input.
+// getfd and closefd name and close them in the client's own table, which handlers reach with
+// SessionFDs(ctx) (migrate fd:NAME takes its descriptor from it) and which closes with the
+// session; add-fd, remove-fd and query-fdsets keep server-wide sets, as QEMU does. As in
+// QEMU, a batch received replaces the unclaimed rest of the one before.
+//
 // Where QEMU's behaviour cannot be kept: an id or argument number beyond a double's range is
 // echoed as the client wrote it (QEMU prints "inf", which is not JSON); and every client may
 // connect at once, where a QEMU socket serves one at a time.

@@ -74,6 +74,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
 	closed    bool
+	fdsets    fdsets // add-fd's descriptor sets, server-wide as in QEMU
 
 	// dispatch runs in-band commands one at a time across all clients, as QEMU's single
 	// dispatcher does under its big lock; out-of-band commands do not take it.
@@ -111,6 +112,7 @@ func NewServer(cat Catalog, v Version) *Server {
 	s.handlers["query-qmp-schema"] = func(context.Context, json.RawMessage) (any, error) {
 		return s.cat.Introspect(), nil
 	}
+	s.handleFDs()
 	return s
 }
 
@@ -237,6 +239,7 @@ func (s *Server) Close() error {
 		ss.shutdown()
 	}
 	s.wg.Wait()
+	s.fdsets.close()
 	return err
 }
 
