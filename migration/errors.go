@@ -68,6 +68,11 @@ func errParseAddress(addr string) *qerr.Error {
 	return qerr.Generic("error parsing address '%s'", addr)
 }
 
+// errFDNotFound is monitor_get_fd's (monitor/fds.c).
+func errFDNotFound(name string) *qerr.Error {
+	return qerr.Generic("File descriptor named '%s' has not been found", name)
+}
+
 func errNoTLSCreds(id string) *qerr.Error {
 	return qerr.Generic("No TLS credentials with id '%s'", id)
 }

@@ -16,6 +16,7 @@ type MigrateArgs struct {
 	Channels []Channel `json:"channels"`
 	Detach   *bool     `json:"detach"`
 	Resume   *bool     `json:"resume"`
+	FDs      FDSource  `json:"-"` // the client's descriptors, for fd:NAME
 }
 
 var errCancelled = errors.New("migration cancelled")
@@ -59,6 +60,9 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 	}
 	if m.params.TLSCreds != "" {
 		return errNoTLSCreds(m.params.TLSCreds)
+	}
+	if err := addr.takeFD(a.FDs); err != nil {
+		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &sourceRun{

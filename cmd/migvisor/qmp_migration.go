@@ -41,18 +41,20 @@ func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
 
 // registerMigration serves QEMU's migration commands.
 func registerMigration(srv *qmp.Server, mig *migration.Migration) {
-	srv.Handle("migrate", func(_ context.Context, args json.RawMessage) (any, error) {
+	srv.Handle("migrate", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a migration.MigrateArgs
 		if err := decode(args, &a); err != nil {
 			return nil, err
 		}
+		a.FDs = qmp.SessionFDs(ctx).Take
 		return nil, mig.Migrate(a)
 	})
-	srv.Handle("migrate-incoming", func(_ context.Context, args json.RawMessage) (any, error) {
+	srv.Handle("migrate-incoming", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a migration.IncomingArgs
 		if err := decode(args, &a); err != nil {
 			return nil, err
 		}
+		a.FDs = qmp.SessionFDs(ctx).Take
 		return nil, mig.MigrateIncoming(a)
 	})
 	srv.Handle("migrate_cancel", handle(func() (any, error) { return nil, mig.Cancel() }))
