@@ -32,6 +32,11 @@ var (
 	errVCPUDirtyLimit = qerr.Generic("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")
 )
 
+// errNotInState is migrate-continue's refusal, naming the state the migration is in.
+func errNotInState(state string) *qerr.Error {
+	return qerr.Generic("Migration not in expected state: %s", state)
+}
+
 func errDuplicateChannel(kind string) *qerr.Error {
 	return qerr.Generic("Channel list has more than one %s entry", kind)
 }

@@ -73,6 +73,8 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 		start:        time.Now(),
 		expected:     int64(m.params.DowntimeLimit),
 		zeroCheck:    m.params.ZeroPageDetection != "none",
+		pauseBefore:  m.caps["pause-before-switchover"],
+		continued:    make(chan struct{}, 1),
 	}
 	r.limit.Store(int64(m.params.MaxBandwidth / 10))
 	r.stats.PageSize = PageSize
@@ -100,6 +102,30 @@ func (m *Migration) Cancel() error {
 	return nil
 }
 
+// Continue is migrate-continue: the go-ahead for a migration waiting in state (which must be
+// the state it is in, pre-switchover in practice).
+func (m *Migration) Continue(state string) error {
+	m.mu.Lock()
+	r := m.src
+	m.mu.Unlock()
+	cur := StatusNone
+	if r != nil {
+		r.mu.Lock()
+		cur = r.state
+		r.mu.Unlock()
+	}
+	if cur != state {
+		return errNotInState(cur)
+	}
+	if r != nil {
+		select {
+		case r.continued <- struct{}{}:
+		default: // already given
+		}
+	}
+	return nil
+}
+
 // Done returns a channel closed when the current (or last) outgoing migration has ended,
 // nil if there was none.
 func (m *Migration) Done() <-chan struct{} {
@@ -122,6 +148,8 @@ type sourceRun struct {
 	autoConverge bool
 	dirtyLimit   bool
 	zeroCheck    bool
+	pauseBefore  bool          // pause-before-switchover: wait in pre-switchover once stopped
+	continued    chan struct{} // migrate-continue's go-ahead
 
 	limit atomic.Int64 // bytes per 100 ms window, 0 = unlimited; set-parameters changes it live
 
@@ -153,7 +181,7 @@ func (r *sourceRun) isRunning() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch r.state {
-	case StatusSetup, StatusActive, StatusCancelling, StatusDevice:
+	case StatusSetup, StatusActive, StatusCancelling, StatusPreSwitchover, StatusDevice:
 		return true
 	}
 	return false
@@ -173,7 +201,7 @@ func (r *sourceRun) setStateLocked(s string) {
 func (r *sourceRun) requestCancel() {
 	r.mu.Lock()
 	switch r.state {
-	case StatusSetup, StatusActive, StatusDevice:
+	case StatusSetup, StatusActive, StatusPreSwitchover, StatusDevice:
 	default:
 		r.mu.Unlock()
 		return
@@ -685,6 +713,28 @@ func (s *sender) sendCPU() error {
 	return nil
 }
 
+// preSwitchover is QEMU's migration_switchover_prepare: with pause-before-switchover the
+// stopped source waits in pre-switchover for migrate-continue, or for a cancel, which leaves
+// the guest running here. The downtime counts on meanwhile, from the stop.
+func (r *sourceRun) preSwitchover() error {
+	if !r.pauseBefore {
+		return nil
+	}
+	r.mu.Lock()
+	if r.cancelRequested {
+		r.mu.Unlock()
+		return errCancelled
+	}
+	r.setStateLocked(StatusPreSwitchover)
+	r.mu.Unlock()
+	select {
+	case <-r.continued:
+		return nil
+	case <-r.ctx.Done():
+		return errCancelled
+	}
+}
+
 // complete is migration_completion: stop the guest, send what is left and the vCPU state
 // while all memory is checked against what was sent, then the digest of memory as it
 // stopped, and (with a return path) commit only once the destination has verified it.
@@ -706,8 +756,11 @@ func (s *sender) complete() error {
 		return err
 	}
 	r.paused = true
+	if err := r.preSwitchover(); err != nil {
+		return err
+	}
 	r.mu.Lock()
-	if r.state == StatusActive {
+	if r.state == StatusActive || r.state == StatusPreSwitchover {
 		r.setStateLocked(StatusDevice)
 	}
 	r.mu.Unlock()

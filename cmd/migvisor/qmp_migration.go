@@ -57,6 +57,15 @@ func registerMigration(srv *qmp.Server, mig *migration.Migration) {
 		a.FDs = qmp.SessionFDs(ctx).Take
 		return nil, mig.MigrateIncoming(a)
 	})
+	srv.Handle("migrate-continue", func(_ context.Context, args json.RawMessage) (any, error) {
+		var a struct {
+			State string `json:"state"`
+		}
+		if err := decode(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, mig.Continue(a.State)
+	})
 	srv.Handle("migrate_cancel", handle(func() (any, error) { return nil, mig.Cancel() }))
 	srv.Handle("migrate-pause", handle(func() (any, error) { return nil, mig.Pause() }))
 	srv.Handle("query-migrate", handle(func() (any, error) { return mig.Query(), nil }))
