@@ -73,10 +73,16 @@ func errParseAddress(addr string) *qerr.Error {
 	return qerr.Generic("error parsing address '%s'", addr)
 }
 
-// errFDNotFound is monitor_get_fd's (monitor/fds.c).
+// QEMU's texts for fd:NAME (monitor/fds.c, migration/fd.c).
 func errFDNotFound(name string) *qerr.Error {
 	return qerr.Generic("File descriptor named '%s' has not been found", name)
 }
+
+func errFDNumber(name string) *qerr.Error {
+	return qerr.Generic("Invalid file descriptor number '%s'", name)
+}
+
+var errFDFile = qerr.Generic("fd: migration to a file is not supported. Use file: instead.")
 
 func errNoTLSCreds(id string) *qerr.Error {
 	return qerr.Generic("No TLS credentials with id '%s'", id)

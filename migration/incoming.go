@@ -50,7 +50,7 @@ func (m *Migration) startIncoming(addr Address, exitOnError bool, fds FDSource) 
 	if !m.cfg.Incoming || m.cfg.Machine.RunState() != RunInmigrate {
 		return errNoIncoming
 	}
-	if err := addr.takeFD(fds); err != nil {
+	if err := addr.takeFD(fds, true); err != nil {
 		return err
 	}
 	l, err := listen(addr)

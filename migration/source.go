@@ -61,7 +61,7 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 	if m.params.TLSCreds != "" {
 		return errNoTLSCreds(m.params.TLSCreds)
 	}
-	if err := addr.takeFD(a.FDs); err != nil {
+	if err := addr.takeFD(a.FDs, false); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -101,3 +101,16 @@ func TestFDTransport(t *testing.T) {
 	require.Equal(t, "completed", query(t, src.mig)["status"])
 	require.Equal(t, src.m.mem, dst.m.mem)
 }
+
+func TestFDTransportRefusals(t *testing.T) {
+	src := newSource(t, 16, 1, false)
+	reg, err := os.CreateTemp(t.TempDir(), "f")
+	require.NoError(t, err)
+	give := func(string) (*os.File, error) { return reg, nil }
+	requireQErr(t, src.mig.Migrate(MigrateArgs{URI: str("fd:f"), FDs: give}),
+		"fd: migration to a file is not supported. Use file: instead.")
+	requireQErr(t, src.mig.Migrate(MigrateArgs{URI: str("fd:3")}), "File descriptor named '3' has not been found")
+	dst := newDest(t, 16, 1)
+	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("fd:3x")}), "Invalid file descriptor number '3x'")
+	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("fd:name")}), "File descriptor named 'name' has not been found")
+}

@@ -40,17 +40,36 @@ type Address struct {
 type FDSource func(name string) (*os.File, error)
 
 // takeFD resolves an fd address: the descriptor leaves the client's table for the migration,
-// as QEMU's monitor_get_fd takes it.
-func (a *Address) takeFD(src FDSource) error {
+// as QEMU's monitor_get_fd takes it. The destination also takes a number for a descriptor
+// migvisor inherited (QEMU's monitor_fd_param, for -incoming fd:N). As QEMU 10, only a
+// socket or a pipe will do.
+func (a *Address) takeFD(src FDSource, incoming bool) error {
 	if a.Transport != "socket" || a.Type != "fd" {
 		return nil
 	}
-	if src == nil {
+	var f *os.File
+	switch {
+	case incoming && a.Str != "" && a.Str[0] >= '0' && a.Str[0] <= '9':
+		n, err := strconv.ParseUint(a.Str, 10, 31)
+		if err != nil {
+			return errFDNumber(a.Str)
+		}
+		f = os.NewFile(uintptr(n), "fd:"+a.Str)
+	case src == nil:
 		return errFDNotFound(a.Str)
+	default:
+		var err error
+		if f, err = src(a.Str); err != nil {
+			return err
+		}
 	}
-	f, err := src(a.Str)
-	if err != nil {
-		return err
+	fi, err := f.Stat()
+	if err != nil || fi.Mode()&(os.ModeSocket|os.ModeNamedPipe) == 0 {
+		f.Close()
+		if err != nil {
+			return errFDNumber(a.Str)
+		}
+		return errFDFile
 	}
 	a.file = f
 	return nil
@@ -210,8 +229,7 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 }
 
 // fdOutgoing is the fd transport's source end: a connected socket is one like any other (with
-// its return path), any other descriptor (a pipe, a file) a plain stream, as QEMU's
-// qio_channel_new_fd tells them apart.
+// its return path), a pipe a plain stream, as QEMU's qio_channel_new_fd tells them apart.
 func fdOutgoing(f *os.File) (outgoing, error) {
 	if f == nil {
 		return nil, errFDNotFound("")
@@ -350,8 +368,7 @@ func listen(a Address) (listener, error) {
 }
 
 // fdIncoming is the fd transport's destination end: the descriptor is the stream itself
-// (QEMU's fd_start_incoming_migration), a connected socket with its return path or any
-// other readable descriptor.
+// (QEMU's fd_start_incoming_migration), a connected socket with its return path or a pipe.
 func fdIncoming(f *os.File) (listener, error) {
 	if f == nil {
 		return nil, errFDNotFound("")
