@@ -19,7 +19,10 @@
 // goes to device, a last sync runs, and the rest goes out with the vCPU state while all
 // memory is checked against what was sent, then the digest (see the stream format).
 // Syncing harvests the dirty log before any page it reports is read, so a page written after
-// its harvest is seen by the next sync. Status: none → setup → active → device → completed;
+// its harvest is seen by the next sync. With pause-before-switchover the stopped source
+// enters pre-switchover and waits for migrate-continue (Continue) before device; a cancel
+// there resumes the guest, and the downtime counts from the stop either way.
+// Status: none → setup → active → [pre-switchover →] device → completed;
 // MIGRATION and MIGRATION_PASS events with the events capability. The source ends in
 // postmigrate; on failure or cancel it ends failed or cancelled with the guest as it was
 // (RESUME if the migration had stopped it).
@@ -37,7 +40,9 @@
 //
 // # Transports
 //
-// unix:PATH, tcp:HOST:PORT, exec:CMD (through /bin/sh -c; the stream is the command's stdin
+// unix:PATH, tcp:HOST:PORT, fd:NAME (a connected socket or a pipe passed with getfd, which
+// MigrateArgs.FDs / IncomingArgs.FDs hand over; the destination also takes an inherited
+// descriptor's number), exec:CMD (through /bin/sh -c; the stream is the command's stdin
 // on the source and its stdout on the destination) and file:PATH[,offset=N] (migrate saves,
 // -incoming restores), or the same as QEMU's "channels". Sockets carry a return path: the
 // destination accepts the header or refuses it with its reason before any page moves, then

@@ -32,6 +32,11 @@ var (
 	errVCPUDirtyLimit = qerr.Generic("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")
 )
 
+// errNotInState is migrate-continue's refusal, naming the state the migration is in.
+func errNotInState(state string) *qerr.Error {
+	return qerr.Generic("Migration not in expected state: %s", state)
+}
+
 func errDuplicateChannel(kind string) *qerr.Error {
 	return qerr.Generic("Channel list has more than one %s entry", kind)
 }
@@ -67,6 +72,17 @@ var (
 func errParseAddress(addr string) *qerr.Error {
 	return qerr.Generic("error parsing address '%s'", addr)
 }
+
+// QEMU's texts for fd:NAME (monitor/fds.c, migration/fd.c).
+func errFDNotFound(name string) *qerr.Error {
+	return qerr.Generic("File descriptor named '%s' has not been found", name)
+}
+
+func errFDNumber(name string) *qerr.Error {
+	return qerr.Generic("Invalid file descriptor number '%s'", name)
+}
+
+var errFDFile = qerr.Generic("fd: migration to a file is not supported. Use file: instead.")
 
 func errNoTLSCreds(id string) *qerr.Error {
 	return qerr.Generic("No TLS credentials with id '%s'", id)

@@ -11,6 +11,7 @@ type IncomingArgs struct {
 	URI         *string   `json:"uri"`
 	Channels    []Channel `json:"channels"`
 	ExitOnError *bool     `json:"exit-on-error"`
+	FDs         FDSource  `json:"-"` // the client's descriptors, for fd:NAME
 }
 
 // ErrDigestMismatch is the destination's refusal of memory that differs from the source's.
@@ -24,7 +25,7 @@ func (m *Migration) MigrateIncoming(a IncomingArgs) error {
 		return err
 	}
 	exit := a.ExitOnError == nil || *a.ExitOnError
-	return m.startIncoming(addr, exit)
+	return m.startIncoming(addr, exit, a.FDs)
 }
 
 // StartIncoming starts the destination for `-incoming URI` ("defer" waits for
@@ -37,10 +38,10 @@ func (m *Migration) StartIncoming(uri string) error {
 	if err != nil {
 		return err
 	}
-	return m.startIncoming(addr, true)
+	return m.startIncoming(addr, true, nil)
 }
 
-func (m *Migration) startIncoming(addr Address, exitOnError bool) error {
+func (m *Migration) startIncoming(addr Address, exitOnError bool, fds FDSource) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.incomingStarted {
@@ -48,6 +49,9 @@ func (m *Migration) startIncoming(addr Address, exitOnError bool) error {
 	}
 	if !m.cfg.Incoming || m.cfg.Machine.RunState() != RunInmigrate {
 		return errNoIncoming
+	}
+	if err := addr.takeFD(fds, true); err != nil {
+		return err
 	}
 	l, err := listen(addr)
 	if err != nil {

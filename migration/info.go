@@ -10,8 +10,11 @@ const (
 	StatusCancelling = "cancelling"
 	StatusCancelled  = "cancelled"
 	StatusDevice     = "device"
-	StatusCompleted  = "completed"
-	StatusFailed     = "failed"
+	// StatusPreSwitchover: stopped before the switch-over, waiting for migrate-continue
+	// (pause-before-switchover).
+	StatusPreSwitchover = "pre-switchover"
+	StatusCompleted     = "completed"
+	StatusFailed        = "failed"
 )
 
 // MigrationInfo is query-migrate's reply; members are present as QEMU fills them per state.
@@ -67,7 +70,7 @@ func (r *sourceRun) fill(info *MigrationInfo, dlOn bool, l DirtyLimiter) {
 	switch r.state {
 	case StatusSetup:
 		info.Status = r.state
-	case StatusActive, StatusCancelling, StatusDevice, StatusCompleted:
+	case StatusActive, StatusCancelling, StatusPreSwitchover, StatusDevice, StatusCompleted:
 		info.Status = r.state
 		info.SetupTime = ptr(r.setupTime)
 		if r.state == StatusCompleted {

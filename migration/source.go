@@ -17,6 +17,7 @@ type MigrateArgs struct {
 	Channels []Channel `json:"channels"`
 	Detach   *bool     `json:"detach"`
 	Resume   *bool     `json:"resume"`
+	FDs      FDSource  `json:"-"` // the client's descriptors, for fd:NAME
 }
 
 var errCancelled = errors.New("migration cancelled")
@@ -61,6 +62,9 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 	if m.params.TLSCreds != "" {
 		return errNoTLSCreds(m.params.TLSCreds)
 	}
+	if err := addr.takeFD(a.FDs, false); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &sourceRun{
 		m: m, addr: addr, ctx: ctx, cancel: cancel, done: make(chan struct{}),
@@ -70,6 +74,8 @@ func (m *Migration) Migrate(a MigrateArgs) error {
 		start:        time.Now(),
 		expected:     int64(m.params.DowntimeLimit),
 		zeroCheck:    m.params.ZeroPageDetection != "none",
+		pauseBefore:  m.caps["pause-before-switchover"],
+		continued:    make(chan struct{}, 1),
 	}
 	r.limit.Store(int64(m.params.MaxBandwidth / 10))
 	r.stats.PageSize = PageSize
@@ -97,6 +103,30 @@ func (m *Migration) Cancel() error {
 	return nil
 }
 
+// Continue is migrate-continue: the go-ahead for a migration waiting in state (which must be
+// the state it is in, pre-switchover in practice).
+func (m *Migration) Continue(state string) error {
+	m.mu.Lock()
+	r := m.src
+	m.mu.Unlock()
+	cur := StatusNone
+	if r != nil {
+		r.mu.Lock()
+		cur = r.state
+		r.mu.Unlock()
+	}
+	if cur != state {
+		return errNotInState(cur)
+	}
+	if r != nil {
+		select {
+		case r.continued <- struct{}{}:
+		default: // already given
+		}
+	}
+	return nil
+}
+
 // Done returns a channel closed when the current (or last) outgoing migration has ended,
 // nil if there was none.
 func (m *Migration) Done() <-chan struct{} {
@@ -119,6 +149,8 @@ type sourceRun struct {
 	autoConverge bool
 	dirtyLimit   bool
 	zeroCheck    bool
+	pauseBefore  bool          // pause-before-switchover: wait in pre-switchover once stopped
+	continued    chan struct{} // migrate-continue's go-ahead
 
 	limit atomic.Int64 // bytes per 100 ms window, 0 = unlimited; set-parameters changes it live
 
@@ -150,7 +182,7 @@ func (r *sourceRun) isRunning() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch r.state {
-	case StatusSetup, StatusActive, StatusCancelling, StatusDevice:
+	case StatusSetup, StatusActive, StatusCancelling, StatusPreSwitchover, StatusDevice:
 		return true
 	}
 	return false
@@ -170,7 +202,7 @@ func (r *sourceRun) setStateLocked(s string) {
 func (r *sourceRun) requestCancel() {
 	r.mu.Lock()
 	switch r.state {
-	case StatusSetup, StatusActive, StatusDevice:
+	case StatusSetup, StatusActive, StatusPreSwitchover, StatusDevice:
 	default:
 		r.mu.Unlock()
 		return
@@ -686,6 +718,28 @@ func (s *sender) sendCPU() error {
 	return nil
 }
 
+// preSwitchover is QEMU's migration_switchover_prepare: with pause-before-switchover the
+// stopped source waits in pre-switchover for migrate-continue, or for a cancel, which leaves
+// the guest running here. The downtime counts on meanwhile, from the stop.
+func (r *sourceRun) preSwitchover() error {
+	if !r.pauseBefore {
+		return nil
+	}
+	r.mu.Lock()
+	if r.cancelRequested {
+		r.mu.Unlock()
+		return errCancelled
+	}
+	r.setStateLocked(StatusPreSwitchover)
+	r.mu.Unlock()
+	select {
+	case <-r.continued:
+		return nil
+	case <-r.ctx.Done():
+		return errCancelled
+	}
+}
+
 // complete is migration_completion: stop the guest, send what is left and the vCPU state
 // while all memory is checked against what was sent, then the digest of memory as it
 // stopped, and (with a return path) commit only once the destination has verified it.
@@ -709,8 +763,11 @@ func (s *sender) complete() error {
 	r.paused = true
 	s.down = stopwatch{last: r.downStart}
 	s.down.lap("stop")
+	if err := r.preSwitchover(); err != nil {
+		return err
+	}
 	r.mu.Lock()
-	if r.state == StatusActive {
+	if r.state == StatusActive || r.state == StatusPreSwitchover {
 		r.setStateLocked(StatusDevice)
 	}
 	r.mu.Unlock()

@@ -31,12 +31,56 @@ type Address struct {
 	Args      []string `json:"args,omitempty"`     // exec: argv
 	Filename  string   `json:"filename,omitempty"` // file
 	Offset    uint64   `json:"offset,omitempty"`
+	Str       string   `json:"str,omitempty"` // socket fd: the name getfd gave the descriptor
+
+	file *os.File // socket fd: the descriptor, taken from the client's table
+}
+
+// FDSource hands over the descriptor a client named with getfd (qmp.FDs.Take).
+type FDSource func(name string) (*os.File, error)
+
+// takeFD resolves an fd address: the descriptor leaves the client's table for the migration,
+// as QEMU's monitor_get_fd takes it. The destination also takes a number for a descriptor
+// migvisor inherited (QEMU's monitor_fd_param, for -incoming fd:N). As QEMU 10, only a
+// socket or a pipe will do.
+func (a *Address) takeFD(src FDSource, incoming bool) error {
+	if a.Transport != "socket" || a.Type != "fd" {
+		return nil
+	}
+	var f *os.File
+	switch {
+	case incoming && a.Str != "" && a.Str[0] >= '0' && a.Str[0] <= '9':
+		n, err := strconv.ParseUint(a.Str, 10, 31)
+		if err != nil {
+			return errFDNumber(a.Str)
+		}
+		f = os.NewFile(uintptr(n), "fd:"+a.Str)
+	case src == nil:
+		return errFDNotFound(a.Str)
+	default:
+		var err error
+		if f, err = src(a.Str); err != nil {
+			return err
+		}
+	}
+	fi, err := f.Stat()
+	if err != nil || fi.Mode()&(os.ModeSocket|os.ModeNamedPipe) == 0 {
+		f.Close()
+		if err != nil {
+			return errFDNumber(a.Str)
+		}
+		return errFDFile
+	}
+	a.file = f
+	return nil
 }
 
 func (a Address) String() string {
 	switch {
 	case a.Transport == "socket" && a.Type == "unix":
 		return "unix:" + a.Path
+	case a.Transport == "socket" && a.Type == "fd":
+		return "fd:" + a.Str
 	case a.Transport == "socket":
 		return "tcp:" + net.JoinHostPort(a.Host, a.Port)
 	case a.Transport == "exec":
@@ -47,8 +91,8 @@ func (a Address) String() string {
 	return a.Transport
 }
 
-// ParseURI turns the legacy URI form into an Address: unix:PATH, tcp:HOST:PORT, exec:CMD
-// (run by /bin/sh -c) and file:PATH[,offset=N].
+// ParseURI turns the legacy URI form into an Address: unix:PATH, tcp:HOST:PORT, fd:NAME (a
+// descriptor passed with getfd), exec:CMD (run by /bin/sh -c) and file:PATH[,offset=N].
 func ParseURI(uri string) (Address, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok {
@@ -66,6 +110,8 @@ func ParseURI(uri string) (Address, error) {
 			return Address{}, errParseAddress(rest)
 		}
 		return Address{Transport: "socket", Type: "inet", Host: host, Port: port}, nil
+	case "fd":
+		return Address{Transport: "socket", Type: "fd", Str: rest}, nil
 	case "exec":
 		return Address{Transport: "exec", Args: []string{"/bin/sh", "-c", rest}}, nil
 	case "file":
@@ -80,7 +126,7 @@ func ParseURI(uri string) (Address, error) {
 			a.Offset = off
 		}
 		return a, nil
-	case "rdma", "fd", "vsock":
+	case "rdma", "vsock":
 		return Address{}, errUnsupportedTransport(scheme)
 	}
 	return Address{}, errBadProtocol
@@ -114,7 +160,7 @@ func pickAddress(uri *string, channels []Channel) (Address, error) {
 	}
 	a := main.Addr
 	switch {
-	case a.Transport == "socket" && (a.Type == "unix" || a.Type == "inet"):
+	case a.Transport == "socket" && (a.Type == "unix" || a.Type == "inet" || a.Type == "fd"):
 	case a.Transport == "socket":
 		return Address{}, errUnsupportedTransport(a.Type)
 	case a.Transport == "exec":
@@ -140,6 +186,9 @@ type outgoing interface {
 func dial(ctx context.Context, a Address) (outgoing, error) {
 	switch a.Transport {
 	case "socket":
+		if a.Type == "fd" {
+			return fdOutgoing(a.file)
+		}
 		network, addr := "unix", a.Path
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
@@ -178,6 +227,30 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 	}
 	return nil, errUnsupportedTransport(a.Transport)
 }
+
+// fdOutgoing is the fd transport's source end: a connected socket is one like any other (with
+// its return path), a pipe a plain stream, as QEMU's qio_channel_new_fd tells them apart.
+func fdOutgoing(f *os.File) (outgoing, error) {
+	if f == nil {
+		return nil, errFDNotFound("")
+	}
+	if c, err := net.FileConn(f); err == nil {
+		f.Close() // FileConn holds its own duplicate
+		setSockBuf(c)
+		return &sockOut{c}, nil
+	}
+	return &fdOut{f: f}, nil
+}
+
+type fdOut struct {
+	f    *os.File
+	once sync.Once
+}
+
+func (o *fdOut) Write(b []byte) (int, error) { return o.f.Write(b) }
+func (o *fdOut) reply() io.Reader            { return nil }
+func (o *fdOut) finish() error               { return o.f.Close() }
+func (o *fdOut) abort()                      { o.once.Do(func() { o.f.Close() }) }
 
 type sockOut struct{ net.Conn }
 
@@ -256,6 +329,9 @@ type listener interface {
 func listen(a Address) (listener, error) {
 	switch a.Transport {
 	case "socket":
+		if a.Type == "fd" {
+			return fdIncoming(a.file)
+		}
 		network, addr := "unix", a.Path
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
@@ -289,6 +365,20 @@ func listen(a Address) (listener, error) {
 		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
+}
+
+// fdIncoming is the fd transport's destination end: the descriptor is the stream itself
+// (QEMU's fd_start_incoming_migration), a connected socket with its return path or a pipe.
+func fdIncoming(f *os.File) (listener, error) {
+	if f == nil {
+		return nil, errFDNotFound("")
+	}
+	if c, err := net.FileConn(f); err == nil {
+		f.Close()
+		setSockBuf(c)
+		return &onceListener{c: sockIn{c}}, nil
+	}
+	return &onceListener{c: fileIn{f}}, nil
 }
 
 type sockListener struct{ l net.Listener }

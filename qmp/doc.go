@@ -24,6 +24,15 @@
 // Numbers are printed as QEMU holds them, so an id beyond a double's range comes back as inf
 // or -inf, as from QEMU (which is not JSON).
 //
+// Descriptors: on a unix socket the server receives SCM_RIGHTS ancillary data with the input.
+// getfd and closefd name and close them in the client's own table, which handlers reach with
+// SessionFDs(ctx) (migrate fd:NAME takes its descriptor from it) and which closes with the
+// session; add-fd, remove-fd and query-fdsets keep server-wide sets, as QEMU does. As in
+// QEMU, a batch received replaces the unclaimed rest of the one before.
+//
+// Where QEMU's behaviour is not kept: several clients may connect at once (up to
+// MaxSessions), where a QEMU socket serves one at a time.
+//
 // Client: Dial connects and negotiates; Execute matches replies by id and returns QMP errors
 // as *qerr.Error; Events delivers events without ever blocking the connection.
 package qmp

@@ -24,6 +24,7 @@ type fakeCatalog struct{}
 var fakeCommands = []string{
 	"qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
 	"query-status", "query-kvm", "stop", "cont", "quit", "migrate-pause", "echo", "block", "boom",
+	"getfd", "closefd", "add-fd", "remove-fd", "query-fdsets",
 }
 
 func (fakeCatalog) Exists(cmd string) bool   { return slices.Contains(fakeCommands, cmd) }
@@ -34,7 +35,7 @@ func (fakeCatalog) Introspect() json.RawMessage {
 }
 
 func (fakeCatalog) Validate(cmd string, args json.RawMessage) (json.RawMessage, error) {
-	if args == nil || cmd == "echo" {
+	if args == nil || cmd == "echo" || strings.Contains(cmd, "fd") {
 		if args == nil {
 			args = json.RawMessage("{}")
 		}

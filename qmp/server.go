@@ -84,6 +84,7 @@ type Server struct {
 	atLimit   bool       // the session limit was logged and not yet left behind
 	logged    map[string]bool
 	closed    bool
+	fdsets    fdsets // add-fd's descriptor sets, server-wide as in QEMU
 
 	// dispatch runs in-band commands one at a time across all clients, as QEMU's single
 	// dispatcher does under its big lock; out-of-band commands do not take it.
@@ -123,6 +124,7 @@ func NewServer(cat Catalog, v Version) *Server {
 	s.handlers["query-qmp-schema"] = func(context.Context, json.RawMessage) (any, error) {
 		return s.cat.Introspect(), nil
 	}
+	s.handleFDs()
 	return s
 }
 
@@ -317,6 +319,7 @@ func (s *Server) Close() error {
 		ss.shutdown()
 	}
 	s.wg.Wait()
+	s.fdsets.close()
 	return err
 }
 

@@ -131,7 +131,7 @@ func TestDispatch(t *testing.T) {
 		{"schema", `{"execute": "query-qmp-schema"}`,
 			`{"return": [{"name": "query-status", "ret-type": "1", "meta-type": "command", "arg-type": "0"}]}`},
 		{"commands", `{"execute": "query-commands"}`,
-			`{"return": [{"name": "qmp_capabilities"}, {"name": "query-version"}, {"name": "query-commands"}, {"name": "query-qmp-schema"}, {"name": "query-status"}, {"name": "query-kvm"}, {"name": "stop"}, {"name": "cont"}, {"name": "quit"}, {"name": "migrate-pause"}, {"name": "echo"}, {"name": "block"}, {"name": "boom"}]}`},
+			`{"return": [{"name": "qmp_capabilities"}, {"name": "query-version"}, {"name": "query-commands"}, {"name": "query-qmp-schema"}, {"name": "query-status"}, {"name": "query-kvm"}, {"name": "stop"}, {"name": "cont"}, {"name": "quit"}, {"name": "migrate-pause"}, {"name": "echo"}, {"name": "block"}, {"name": "boom"}, {"name": "getfd"}, {"name": "closefd"}, {"name": "add-fd"}, {"name": "remove-fd"}, {"name": "query-fdsets"}]}`},
 		{"id of big integer", `{"execute": "query-kvm", "id": 18446744073709551616}`,
 			`{"return": {"enabled": true, "present": true}, "id": 1.8446744073709552e+19}`},
 	} {

@@ -22,6 +22,7 @@ type session struct {
 	ctx    context.Context // handlers' context: ends with the connection or the server
 	cancel context.CancelFunc
 	oob    atomic.Bool // the client enabled the oob capability
+	fds    *FDs        // descriptors the client passed, closed with the session
 
 	qmu       sync.Mutex
 	qcond     *sync.Cond
@@ -47,8 +48,8 @@ type message struct {
 }
 
 func newSession(srv *Server, conn net.Conn) *session {
-	ss := &session{srv: srv, conn: conn, wake: make(chan struct{}, 1)}
-	ss.ctx, ss.cancel = context.WithCancel(srv.ctx)
+	ss := &session{srv: srv, conn: conn, fds: &FDs{}, wake: make(chan struct{}, 1)}
+	ss.ctx, ss.cancel = context.WithCancel(context.WithValue(srv.ctx, fdsKey{}, ss.fds))
 	ss.qcond = sync.NewCond(&ss.qmu)
 	return ss
 }
@@ -58,6 +59,11 @@ func newSession(srv *Server, conn net.Conn) *session {
 func (ss *session) netRead() {
 	defer ss.srv.wg.Done()
 	buf := make([]byte, 32<<10)
+	uc, _ := ss.conn.(*net.UnixConn)
+	var oob []byte
+	if uc != nil {
+		oob = make([]byte, oobSize)
+	}
 	for {
 		ss.qmu.Lock()
 		for len(ss.in) >= inLimit && !ss.closing {
@@ -68,7 +74,7 @@ func (ss *session) netRead() {
 		if closing {
 			return
 		}
-		n, err := ss.conn.Read(buf)
+		n, err := ss.read(uc, buf, oob)
 		ss.qmu.Lock()
 		ss.in = append(ss.in, buf[:n]...)
 		ss.eof = err != nil
@@ -79,6 +85,19 @@ func (ss *session) netRead() {
 			return
 		}
 	}
+}
+
+// read reads input; descriptors that came with it are kept for the next getfd or add-fd
+// (they arrive with the bytes of the command that claims them, so before it runs).
+func (ss *session) read(uc *net.UnixConn, buf, oob []byte) (int, error) {
+	if uc == nil {
+		return ss.conn.Read(buf)
+	}
+	n, files, err := readFDs(uc, buf, oob)
+	if files != nil {
+		ss.fds.received(files)
+	}
+	return n, err
 }
 
 // parse feeds the input to the decoder, whose messages go to received.
@@ -366,6 +385,7 @@ func (ss *session) write() {
 	defer func() {
 		ss.kill()
 		ss.srv.removeSession(ss)
+		ss.fds.close()
 	}()
 	for {
 		ss.omu.Lock()

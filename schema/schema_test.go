@@ -21,6 +21,7 @@ var served = []string{
 	"query-cpu-definitions", "query-cpu-model-expansion", "query-tpm-models", "query-tpm-types", "query-sev-capabilities",
 	"query-sgx-capabilities", "query-command-line-options",
 	"qom-list", "qom-list-types", "qom-list-properties", "device-list-properties",
+	"getfd", "closefd", "add-fd", "remove-fd", "query-fdsets", "migrate-continue",
 }
 
 func TestEmbeddedDefinitionsLoad(t *testing.T) {

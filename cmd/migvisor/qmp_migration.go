@@ -41,19 +41,30 @@ func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
 
 // registerMigration serves QEMU's migration commands.
 func registerMigration(srv *qmp.Server, mig *migration.Migration) {
-	srv.Handle("migrate", func(_ context.Context, args json.RawMessage) (any, error) {
+	srv.Handle("migrate", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a migration.MigrateArgs
 		if err := decode(args, &a); err != nil {
 			return nil, err
 		}
+		a.FDs = qmp.SessionFDs(ctx).Take
 		return nil, mig.Migrate(a)
 	})
-	srv.Handle("migrate-incoming", func(_ context.Context, args json.RawMessage) (any, error) {
+	srv.Handle("migrate-incoming", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a migration.IncomingArgs
 		if err := decode(args, &a); err != nil {
 			return nil, err
 		}
+		a.FDs = qmp.SessionFDs(ctx).Take
 		return nil, mig.MigrateIncoming(a)
+	})
+	srv.Handle("migrate-continue", func(_ context.Context, args json.RawMessage) (any, error) {
+		var a struct {
+			State string `json:"state"`
+		}
+		if err := decode(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, mig.Continue(a.State)
 	})
 	srv.Handle("migrate_cancel", handle(func() (any, error) { return nil, mig.Cancel() }))
 	srv.Handle("migrate-pause", handle(func() (any, error) { return nil, mig.Pause() }))
