@@ -225,7 +225,7 @@ func (r *run) run(ctx context.Context) error {
 	steps := DowntimeSteps(cfg.Downtime, cfg.DowntimeSteps, cfg.DowntimeDelayPerGiB, offer.Memory)
 	esc := NewEscalator(EscalatorConfig{Steps: steps, ProgressTimeout: cfg.ProgressTimeout,
 		CompletionTimeout: time.Duration(float64(cfg.CompletionTimeoutPerGiB) * float64(offer.Memory) / (1 << 30)),
-		OnTimeout:         cfg.OnTimeout, Limits: plan.Limits})
+		OnTimeout:         cfg.OnTimeout, Limits: plan.Limits, Fallback: plan.Fallback})
 	// The first downtime step goes in before migrate.
 	for _, d := range esc.Observe(Sample{MigrationInfo: MigrationInfo{Status: "setup"}}) {
 		r.decide(ctx, d, srcRunning)

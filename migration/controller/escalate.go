@@ -70,6 +70,8 @@ type EscalatorConfig struct {
 	CompletionTimeout time.Duration // 0: none
 	OnTimeout         TimeoutAction
 	Limits            []VCPURate // the plan's dirty limits; nil when there are none
+	// Fallback are dirty limits to put on at the first stall when there are none yet.
+	Fallback []VCPURate
 }
 
 // Escalator turns a migration's samples into decisions. It is pure: the same samples give the
@@ -135,6 +137,10 @@ func (e *Escalator) Observe(s Sample) []Decision {
 		FormatBytes(float64(e.lowest)), (s.Elapsed - e.lastProgress).Round(time.Millisecond), s.RAM.DirtySyncCount)
 	// Start a new progress window from here either way.
 	e.lowest, e.lastProgress = rem, s.Elapsed
+	if len(e.cfg.Limits) == 0 && len(e.cfg.Fallback) > 0 {
+		e.cfg.Limits, e.cfg.Fallback = e.cfg.Fallback, nil
+		return append(out, Decision{Kind: "tighten-limit", Limits: e.cfg.Limits, Reason: why + "; putting the dirty limit on the vCPUs that dirty"})
+	}
 	tighter, changed := halve(e.cfg.Limits)
 	if !changed {
 		if !e.stallSaid {

@@ -70,6 +70,8 @@ type Plan struct {
 	// cpu-throttle-increment (percent).
 	ThrottleInitial   int64 `json:"cpu-throttle-initial,omitempty"`
 	ThrottleIncrement int64 `json:"cpu-throttle-increment,omitempty"`
+	// Fallback are the dirty limits to put on if precopy stalls after all (auto policy, ring).
+	Fallback []VCPURate `json:"fallback-limits,omitempty"`
 	// The prediction, with the planned dirty rate: passes (0: it does not converge) and time.
 	PredictedDirtyRate uint64        `json:"predicted-dirty-rate"`
 	PredictedPasses    int           `json:"predicted-passes"`
@@ -80,6 +82,9 @@ type Plan struct {
 const (
 	// maxConvergePasses is how many passes precopy may take and still count as converging.
 	maxConvergePasses = 10
+	// safetyFactor scales the measured rate for the convergence test: a short calc-dirty-rate
+	// misses what the guest dirties while a migration runs beside it.
+	safetyFactor = 2
 	// targetRatio is the share of the bandwidth the throttled guest may dirty: each pass then
 	// leaves a quarter of the last one to send.
 	targetRatio = 0.25
@@ -121,6 +126,9 @@ func MakePlan(policy Policy, offer Offer, rates Rates, bandwidth uint64, downtim
 	dirty := rates.Total << 20
 	p.PredictedPasses, p.PredictedTime = Predict(offer.Memory, bandwidth, dirty, downtime)
 	converges := p.PredictedPasses > 0
+	if n, _ := Predict(offer.Memory, bandwidth, dirty*safetyFactor, downtime); n == 0 {
+		converges = false
+	}
 	rateText := fmt.Sprintf("the guest dirties %d MB/s (%s) against %s", rates.Total, rates.Mode, FormatRate(float64(bandwidth)))
 
 	switch policy {
@@ -133,6 +141,12 @@ func MakePlan(policy Policy, offer Offer, rates Rates, bandwidth uint64, downtim
 	case PolicyAuto:
 		if converges {
 			p.Reason = rateText + ": precopy converges"
+			if offer.Ring && offer.DirtyLimit {
+				if dl, _ := planDirtyLimit(p, offer, rates, bandwidth, downtime, ""); dl.Strategy == StrategyDirtyLimit {
+					p.Fallback = dl.Limits
+					p.Reason += "; at a stall, a dirty limit on the vCPUs that dirty"
+				}
+			}
 			return p, nil
 		}
 		if offer.Ring && offer.DirtyLimit {
