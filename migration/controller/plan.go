@@ -81,7 +81,7 @@ type Plan struct {
 // Planning constants.
 const (
 	// maxConvergePasses is how many passes precopy may take and still count as converging.
-	maxConvergePasses = 10
+	maxConvergePasses = 6
 	// safetyFactor scales the measured rate for the convergence test: a short calc-dirty-rate
 	// misses what the guest dirties while a migration runs beside it.
 	safetyFactor = 2
