@@ -15,6 +15,7 @@ import (
 )
 
 const usage = `usage: migctl SOCKET COMMAND [key=value ...]
+       migctl migrate [flags] SRC DST (a whole migration; migctl migrate -h lists the flags)
        migctl bench-migrate [flags]   (migctl bench-migrate -h lists them)
        migctl bench-sweep [flags]     idle sizes and vCPU counts beside QEMU, the busy tail (-h lists them)
 
@@ -26,6 +27,9 @@ value from FILE. The reply is printed as indented JSON; a QMP error exits 1 with
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "migrate" {
+		return migrate(args[1:], stdout, stderr)
+	}
 	if len(args) > 0 && args[0] == "bench-migrate" {
 		return benchMigrate(args[1:], stdout, stderr)
 	}
