@@ -153,8 +153,8 @@ func TestMigrateRefusals(t *testing.T) {
 	}{
 		{"neither", src, MigrateArgs{}, "need either 'uri' or 'channels' argument"},
 		{"both", src, MigrateArgs{URI: &uri, Channels: []Channel{}}, "need either 'uri' or 'channels' argument"},
-		{"scheme", src, MigrateArgs{URI: str("bogus:x")}, "Parameter 'uri' expects a valid migration protocol"},
-		{"no scheme", src, MigrateArgs{URI: str("/tmp/x")}, "Parameter 'uri' expects a valid migration protocol"},
+		{"scheme", src, MigrateArgs{URI: str("bogus:x")}, "unknown migration protocol: bogus:x"},
+		{"no scheme", src, MigrateArgs{URI: str("/tmp/x")}, "unknown migration protocol: /tmp/x"},
 		{"rdma", src, MigrateArgs{URI: str("rdma:1.2.3.4:5")}, "migvisor does not support the rdma migration transport"},
 		{"duplicate channel", src, MigrateArgs{Channels: []Channel{{ChannelType: "main"}, {ChannelType: "main"}}}, "Channel list has more than one main entry"},
 		{"no main", src, MigrateArgs{Channels: []Channel{}}, "Channel list has no main entry"},

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/migvisor/migvisor/unixsock"
 )
 
 // Channel is one entry of migrate's / migrate-incoming's "channels".
@@ -52,18 +54,21 @@ func (a Address) String() string {
 func ParseURI(uri string) (Address, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok {
-		return Address{}, errBadProtocol
+		return Address{}, errUnknownProtocol(uri)
 	}
 	switch scheme {
 	case "unix":
 		if rest == "" {
-			return Address{}, errNoSocketPath
+			return Address{}, errInvalidUnixAddress
 		}
 		return Address{Transport: "socket", Type: "unix", Path: rest}, nil
 	case "tcp":
 		host, port, err := net.SplitHostPort(rest)
-		if err != nil || port == "" {
+		if err != nil {
 			return Address{}, errParseAddress(rest)
+		}
+		if port == "" {
+			return Address{}, errParsePort(rest)
 		}
 		return Address{Transport: "socket", Type: "inet", Host: host, Port: port}, nil
 	case "exec":
@@ -83,7 +88,7 @@ func ParseURI(uri string) (Address, error) {
 	case "rdma", "fd", "vsock":
 		return Address{}, errUnsupportedTransport(scheme)
 	}
-	return Address{}, errBadProtocol
+	return Address{}, errUnknownProtocol(uri)
 }
 
 // pickAddress applies QEMU's rules for the uri/channels pair.
@@ -144,10 +149,13 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
 		}
+		if a.Type == "unix" && unixsock.CheckPath(a.Path) != nil {
+			return nil, errUnixPathTooLong(a.Path)
+		}
 		var d net.Dialer
 		c, err := d.DialContext(ctx, network, addr)
 		if err != nil {
-			return nil, fmt.Errorf("failed to connect to '%s': %w", a, err)
+			return nil, dialErr(a, err)
 		}
 		setSockBuf(c)
 		return &sockOut{c}, nil
@@ -158,7 +166,7 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		}
 		f, err := os.OpenFile(a.Filename, flags, 0o660)
 		if err != nil {
-			return nil, fmt.Errorf("failed to open migration file: %w", err)
+			return nil, errCreateFile(a.Filename, err)
 		}
 		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
 			f.Close()
@@ -259,22 +267,31 @@ func listen(a Address) (listener, error) {
 		network, addr := "unix", a.Path
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
-		} else if fi, err := os.Lstat(a.Path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			os.Remove(a.Path) // a stale socket from an earlier run, as QEMU unlinks it
+		} else {
+			if unixsock.CheckPath(a.Path) != nil {
+				return nil, errUnixPathTooLong(a.Path)
+			}
+			// A stale socket from an earlier run goes, as QEMU unlinks it; unlike QEMU, no
+			// other kind of file is ever removed (bind then finds the address in use).
+			if fi, err := os.Lstat(a.Path); err == nil && fi.IsDir() {
+				return nil, errUnixUnlink(a.Path, syscall.EISDIR)
+			} else if err == nil && fi.Mode()&os.ModeSocket != 0 {
+				os.Remove(a.Path)
+			}
 		}
 		l, err := net.Listen(network, addr)
 		if err != nil {
-			return nil, errListen(a, err)
+			return nil, listenErr(a, err)
 		}
 		return &sockListener{l: l}, nil
 	case "file":
 		f, err := os.Open(a.Filename)
 		if err != nil {
-			return nil, errOpenFile(err)
+			return nil, errOpenFile(a.Filename, err)
 		}
 		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
 			f.Close()
-			return nil, errOpenFile(err)
+			return nil, errOpenFile(a.Filename, err)
 		}
 		return &onceListener{c: fileIn{f}}, nil
 	case "exec":
@@ -289,6 +306,40 @@ func listen(a Address) (listener, error) {
 		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
+}
+
+// listenErr words a failed listen as QEMU 10 does for the same step (resolve, bind, listen).
+func listenErr(a Address, err error) error {
+	var sys *os.SyscallError
+	step := ""
+	if errors.As(err, &sys) {
+		step = sys.Syscall
+	}
+	switch {
+	case a.Type == "unix" && step == "bind":
+		return errUnixBind(a.Path, err)
+	case step == "bind" && errors.Is(err, syscall.EADDRINUSE):
+		return errNoPort(err)
+	case step == "bind":
+		return errInetBind(err)
+	case step == "listen":
+		return errListenSocket(err)
+	case a.Type == "inet" && step == "":
+		return errResolve(a.Host, a.Port, err)
+	}
+	return errInetBind(err)
+}
+
+// dialErr words a failed connect as QEMU 10 does.
+func dialErr(a Address, err error) error {
+	var sys *os.SyscallError
+	switch {
+	case a.Type == "unix":
+		return errConnect(a.Path, err)
+	case errors.As(err, &sys):
+		return errConnect(a.Host+":"+a.Port, err)
+	}
+	return errResolve(a.Host, a.Port, err)
 }
 
 type sockListener struct{ l net.Listener }
