@@ -197,9 +197,8 @@ func (f *firstAccept) Accept() (net.Conn, error) {
 }
 
 // incomingFailed ends the daemon after an incoming migration failed with exit-on-error on, as
-// QEMU exits: the guest was never run.
+// QEMU exits: the guest was never run. The migration has logged why.
 func (d *daemon) incomingFailed(err error) {
-	fmt.Fprintf(d.log, "migvisor: incoming migration failed: %v\n", err)
 	d.failed = err
 	d.shutdown()
 }
@@ -212,6 +211,7 @@ func (d *daemon) run(ctx context.Context) {
 	d.serve()
 	if d.cfg.incoming != "" {
 		if err := d.mig.StartIncoming(d.cfg.incoming); err != nil {
+			fmt.Fprintf(d.log, "migvisor: -incoming %s: %v\n", d.cfg.incoming, err)
 			d.incomingFailed(err)
 		}
 	}

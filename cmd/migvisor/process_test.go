@@ -156,6 +156,24 @@ func TestProcessRefusesSocketPath(t *testing.T) {
 	require.True(t, fi.IsDir())
 }
 
+// TestProcessIncomingFailureLoggedOnce: a failed incoming migration ends the daemon (exit-on-error)
+// with one line saying why.
+func TestProcessIncomingFailureLoggedOnce(t *testing.T) {
+	for _, tc := range []struct{ name, uri, want string }{
+		{"bad stream", "exec:echo garbage", "incoming migration failed: migration stream: not a migvisor migration stream"},
+		{"cannot listen", "unix:/nonexistent/dir/s.sock", "-incoming unix:/nonexistent/dir/s.sock: Failed to bind socket to /nonexistent/dir/s.sock: No such file or directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "m.sock")
+			out, err := exec.Command(migvisorBin(t), "-accel", "soft", "-incoming", tc.uri,
+				"-qmp", "unix:"+sock+",server=on,wait=off").CombinedOutput()
+			require.Error(t, err)
+			require.Contains(t, string(out), tc.want)
+			require.Equal(t, 1, strings.Count(string(out), "\n"), "one line: %s", out)
+		})
+	}
+}
+
 func TestProcessBadOptions(t *testing.T) {
 	for _, tc := range []struct {
 		name string
