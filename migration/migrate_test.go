@@ -462,11 +462,35 @@ func TestFaults(t *testing.T) {
 		requireSourceIntact(t, src, StatusCancelled, false)
 	})
 	t.Run("exec command fails", func(t *testing.T) {
-		src := newSource(t, 16, 1, false)
-		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:cat >/dev/null; exit 3")}))
-		wait(t, src.mig.Done())
-		require.Contains(t, query(t, src.mig)["error-desc"], "migration command failed: exit status 3")
-		requireSourceIntact(t, src, StatusFailed, true)
+		for _, tc := range []struct {
+			name, cmd string
+			pages     int
+			want      string
+			stopped   bool // the failure came after the stop
+		}{
+			{"after reading", "cat >/dev/null; echo oops >&2; exit 3", 16,
+				`migration command failed: the command ended with exit status 3; its stderr: "oops"`, true},
+			// More than a pipe holds: the source must find the command gone.
+			{"without reading", "echo cannot >&2; exit 4", 1024,
+				`the migration command stopped reading the stream (write |1: broken pipe); the command ended with exit status 4; its stderr: "cannot"`, false},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				src := newSource(t, tc.pages, 1, false)
+				fill(src.m.mem)
+				require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:" + tc.cmd)}))
+				wait(t, src.mig.Done())
+				require.Contains(t, query(t, src.mig)["error-desc"], tc.want)
+				requireSourceIntact(t, src, StatusFailed, tc.stopped)
+			})
+		}
+	})
+	t.Run("exec command of the destination fails", func(t *testing.T) {
+		dst := newDest(t, 16, 1)
+		no := false
+		require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("exec:echo gone >&2; exit 5"), ExitOnError: &no}))
+		wait(t, dst.mig.IncomingDone())
+		require.Equal(t, `the migration command's stream ended: the command ended with exit status 5; its stderr: "gone"`,
+			query(t, dst.mig)["error-desc"])
 	})
 	t.Run("cancel during setup", func(t *testing.T) {
 		src := newSource(t, 64, 1, false)

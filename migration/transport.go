@@ -174,15 +174,17 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		}
 		return &fileOut{f: f}, nil
 	case "exec":
-		cmd := command(a.Args)
-		w, err := cmd.StdinPipe()
+		pr, pw, err := os.Pipe()
 		if err != nil {
 			return nil, err
 		}
-		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("failed to run migration command: %w", err)
+		c, err := startChild(a.Args, func(cmd *exec.Cmd) { cmd.Stdin = pr })
+		pr.Close()
+		if err != nil {
+			pw.Close()
+			return nil, errRunCommand(err)
 		}
-		return &execOut{cmd: cmd, w: w}, nil
+		return &execOut{c: c, w: pw}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
 }
@@ -211,39 +213,111 @@ func (f *fileOut) finish() error {
 func (f *fileOut) abort() { f.once.Do(func() { f.f.Close() }) }
 
 type execOut struct {
-	cmd  *exec.Cmd
-	w    io.WriteCloser
+	c    *child
+	w    *os.File
 	once sync.Once
 }
 
-func (e *execOut) Write(b []byte) (int, error) { return e.w.Write(b) }
-func (e *execOut) reply() io.Reader            { return nil }
+// Write says why the command stopped reading: its exit status and stderr.
+func (e *execOut) Write(b []byte) (int, error) {
+	n, err := e.w.Write(b)
+	if err != nil {
+		err = fmt.Errorf("the migration command stopped reading the stream (%w); %s", err, e.c.describe(childWait))
+	}
+	return n, err
+}
+func (e *execOut) reply() io.Reader { return nil }
 func (e *execOut) finish() error {
 	e.w.Close()
-	if err := e.cmd.Wait(); err != nil {
-		return fmt.Errorf("migration command failed: %w", err)
+	<-e.c.exited
+	if e.c.err != nil {
+		return fmt.Errorf("migration command failed: %s", e.c.describe(0))
 	}
 	return nil
 }
 func (e *execOut) abort() {
 	e.once.Do(func() {
 		e.w.Close()
-		killGroup(e.cmd)
-		go e.cmd.Wait()
+		e.c.kill()
 	})
 }
 
-// command runs argv in a process group of its own, so that aborting kills what it started
-// too (sh -c forks its commands); its stderr is migvisor's.
-func command(argv []string) *exec.Cmd {
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	return cmd
+// childWait bounds how long a failure waits for the command's exit status.
+const childWait = 2 * time.Second
+
+// child is a migration command, run in a process group of its own so that aborting kills what
+// it started too (sh -c forks its commands). Its stderr goes to migvisor's, and the end of it
+// is kept so that a failure can say why. Its stream end is an *os.File of the caller's: exec
+// does not copy it, and nothing closes it under the caller's reads when the command exits.
+type child struct {
+	cmd    *exec.Cmd
+	stderr tail
+	exited chan struct{}
+	err    error // cmd.Wait's, once exited is closed
 }
 
-func killGroup(cmd *exec.Cmd) {
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+func startChild(argv []string, stream func(*exec.Cmd)) (*child, error) {
+	c := &child{cmd: exec.Command(argv[0], argv[1:]...), exited: make(chan struct{})}
+	c.cmd.Stderr = io.MultiWriter(os.Stderr, &c.stderr)
+	c.cmd.WaitDelay = childWait // a grandchild holding stderr open does not hold the exit up
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stream(c.cmd)
+	if err := c.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		c.err = c.cmd.Wait()
+		close(c.exited)
+	}()
+	return c, nil
+}
+
+func (c *child) kill() { syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL) }
+
+// describe says how the command ended, waiting for it at most wait, and what it last wrote
+// to stderr.
+func (c *child) describe(wait time.Duration) string {
+	select {
+	case <-c.exited:
+	case <-time.After(wait):
+	}
+	select {
+	case <-c.exited:
+	default:
+		return "the command is still running"
+	}
+	s := "the command exited with status 0"
+	if c.err != nil {
+		s = "the command ended with " + c.err.Error()
+	}
+	if t := strings.TrimSpace(c.stderr.String()); t != "" {
+		s += fmt.Sprintf("; its stderr: %q", t)
+	}
+	return s
+}
+
+// tail keeps the last tailMax bytes written to it.
+type tail struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+const tailMax = 512
+
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if len(t.b) > tailMax {
+		t.b = append(t.b[:0], t.b[len(t.b)-tailMax:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.b)
 }
 
 // inConn is the destination's end of one incoming stream.
@@ -295,15 +369,17 @@ func listen(a Address) (listener, error) {
 		}
 		return &onceListener{c: fileIn{f}}, nil
 	case "exec":
-		cmd := command(a.Args)
-		r, err := cmd.StdoutPipe()
+		pr, pw, err := os.Pipe()
 		if err != nil {
 			return nil, err
 		}
-		if err := cmd.Start(); err != nil {
+		c, err := startChild(a.Args, func(cmd *exec.Cmd) { cmd.Stdout = pw })
+		pw.Close()
+		if err != nil {
+			pr.Close()
 			return nil, errRunCommand(err)
 		}
-		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
+		return &onceListener{c: &execIn{c: c, r: pr}}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
 }
@@ -408,16 +484,30 @@ type fileIn struct{ *os.File }
 func (fileIn) replyTo() io.Writer { return nil }
 
 type execIn struct {
-	cmd *exec.Cmd
-	r   io.ReadCloser
+	c *child
+	r *os.File
 }
 
-func (e *execIn) Read(b []byte) (int, error) { return e.r.Read(b) }
-func (e *execIn) replyTo() io.Writer         { return nil }
+// Read ends the stream with the command's failure, if it failed, rather than a bare EOF.
+func (e *execIn) Read(b []byte) (int, error) {
+	n, err := e.r.Read(b)
+	if err == io.EOF {
+		select {
+		case <-e.c.exited:
+			if e.c.err != nil {
+				err = fmt.Errorf("the migration command's stream ended: %s", e.c.describe(0))
+			}
+		case <-time.After(childWait):
+		}
+	}
+	return n, err
+}
+func (e *execIn) replyTo() io.Writer { return nil }
 func (e *execIn) Close() error {
 	e.r.Close()
-	killGroup(e.cmd)
-	return e.cmd.Wait()
+	e.c.kill()
+	<-e.c.exited
+	return e.c.err
 }
 
 // drain reads and drops what the peer still sends after a refusal, so that closing does not
