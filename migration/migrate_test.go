@@ -484,6 +484,25 @@ func TestFaults(t *testing.T) {
 			})
 		}
 	})
+	t.Run("destination gone in the device phase", func(t *testing.T) {
+		src := newSource(t, 64, 1, false)
+		src.m.cpu = make([]byte, 32<<20) // more than both socket buffers: still going out at the close
+		uri := rawDest(t, func(c net.Conn) {
+			acceptHeader(c)
+			b := make([]byte, 64<<10)
+			for src.m.RunState() != RunFinishMigrate {
+				if _, err := c.Read(b); err != nil {
+					break
+				}
+			}
+			c.Close()
+		})
+		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+		wait(t, src.mig.Done())
+		require.Regexp(t, `^sending (the last pages \(\d+-\d+\)|the vCPU state|the memory digest) \(device phase\): .*(broken pipe|connection reset)`,
+			query(t, src.mig)["error-desc"])
+		requireSourceIntact(t, src, StatusFailed, true)
+	})
 	t.Run("exec command of the destination fails", func(t *testing.T) {
 		dst := newDest(t, 16, 1)
 		no := false
