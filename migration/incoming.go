@@ -49,6 +49,11 @@ func (m *Migration) startIncoming(addr Address, exitOnError bool) error {
 	if !m.cfg.Incoming || m.cfg.Machine.RunState() != RunInmigrate {
 		return errNoIncoming
 	}
+	// TLS is not implemented: refuse, as QEMU does for credentials it has not got, rather
+	// than accept a plaintext stream the user asked to be encrypted.
+	if m.params.TLSCreds != "" {
+		return errNoTLSCreds(m.params.TLSCreds)
+	}
 	l, err := listen(addr)
 	if err != nil {
 		return err

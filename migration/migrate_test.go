@@ -178,6 +178,12 @@ func TestMigrateRefusals(t *testing.T) {
 			requireQErr(t, m.mig.Migrate(MigrateArgs{URI: &uri}), tc.want)
 		})
 	}
+	t.Run("tls-creds on the destination", func(t *testing.T) {
+		d := newDest(t, 16, 1)
+		require.NoError(t, d.mig.SetParameters(setParams(t, `{"tls-creds": "tls0"}`)))
+		requireQErr(t, d.mig.MigrateIncoming(IncomingArgs{URI: &uri}), "No TLS credentials with id 'tls0'")
+		require.Nil(t, d.mig.IncomingDone(), "nothing listens for a plaintext stream")
+	})
 }
 
 // A guest that keeps writing converges when the link is fast, and both memories end equal.
