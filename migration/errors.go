@@ -35,6 +35,10 @@ var (
 	errVCPUDirtyLimit = qerr.Generic("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")
 )
 
+func errIncomingState(state string) *qerr.Error {
+	return qerr.Generic("Illegal migration incoming state: %s", state)
+}
+
 func errDuplicateChannel(kind string) *qerr.Error {
 	return qerr.Generic("Channel list has more than one %s entry", kind)
 }

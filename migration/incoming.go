@@ -54,8 +54,13 @@ func (m *Migration) startIncoming(addr Address, exitOnError bool) error {
 	if m.params.TLSCreds != "" {
 		return errNoTLSCreds(m.params.TLSCreds)
 	}
+	if m.setupStuck {
+		return errIncomingState(StatusSetup)
+	}
 	l, err := listen(addr)
 	if err != nil {
+		m.setupStuck = true
+		m.emitMigration(m.caps["events"], "MIGRATION", map[string]any{"status": StatusSetup})
 		return err
 	}
 	d := &incomingRun{m: m, l: l, addrs: l.addresses(), events: m.caps["events"], exitOnError: exitOnError,

@@ -80,4 +80,17 @@ func TestTransportErrorsAsQEMU(t *testing.T) {
 	})
 }
 
+// TestFailedListenLeavesSetup: after a migrate-incoming whose transport could not be opened,
+// QEMU 10's query-migrate shows setup and another migrate-incoming is refused; a URI that does
+// not parse leaves nothing behind.
+func TestFailedListenLeavesSetup(t *testing.T) {
+	dst := newDest(t, 16, 1)
+	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("bogus:x")}), "unknown migration protocol: bogus:x")
+	require.Empty(t, query(t, dst.mig))
+	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("unix:/nonexistent/dir/s")}),
+		"Failed to bind socket to /nonexistent/dir/s: No such file or directory")
+	require.Equal(t, map[string]any{"status": "setup"}, query(t, dst.mig))
+	requireQErr(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("unix:" + sockPath(t))}), "Illegal migration incoming state: setup")
+}
+
 func itoa(p uint16) string { return strconv.Itoa(int(p)) }
