@@ -79,6 +79,7 @@ type fakeMachine struct {
 	counter uint64
 	rate    int // pages per ms per vCPU
 	loaded  []byte
+	cpu     []byte // what SaveCPU returns; nil: a short state
 	resumes int
 	starts  int // times state became running through the Machine interface
 
@@ -204,6 +205,9 @@ func (m *fakeMachine) SaveCPU() ([]byte, error) {
 	defer m.mu.Unlock()
 	if m.state == RunRunning {
 		return nil, errors.New("SaveCPU of a running machine")
+	}
+	if m.cpu != nil {
+		return m.cpu, nil
 	}
 	return []byte("vcpu-state"), nil
 }

@@ -50,11 +50,21 @@ func (m *Migration) startIncoming(addr Address, exitOnError bool, fds FDSource) 
 	if !m.cfg.Incoming || m.cfg.Machine.RunState() != RunInmigrate {
 		return errNoIncoming
 	}
+	// TLS is not implemented: refuse, as QEMU does for credentials it has not got, rather
+	// than accept a plaintext stream the user asked to be encrypted.
+	if m.params.TLSCreds != "" {
+		return errNoTLSCreds(m.params.TLSCreds)
+	}
+	if m.setupStuck {
+		return errIncomingState(StatusSetup)
+	}
 	if err := addr.takeFD(fds, true); err != nil {
 		return err
 	}
 	l, err := listen(addr)
 	if err != nil {
+		m.setupStuck = true
+		m.emitMigration(m.caps["events"], "MIGRATION", map[string]any{"status": StatusSetup})
 		return err
 	}
 	d := &incomingRun{m: m, l: l, addrs: l.addresses(), events: m.caps["events"], exitOnError: exitOnError,

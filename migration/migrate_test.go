@@ -155,8 +155,8 @@ func TestMigrateRefusals(t *testing.T) {
 	}{
 		{"neither", src, MigrateArgs{}, "need either 'uri' or 'channels' argument"},
 		{"both", src, MigrateArgs{URI: &uri, Channels: []Channel{}}, "need either 'uri' or 'channels' argument"},
-		{"scheme", src, MigrateArgs{URI: str("bogus:x")}, "Parameter 'uri' expects a valid migration protocol"},
-		{"no scheme", src, MigrateArgs{URI: str("/tmp/x")}, "Parameter 'uri' expects a valid migration protocol"},
+		{"scheme", src, MigrateArgs{URI: str("bogus:x")}, "unknown migration protocol: bogus:x"},
+		{"no scheme", src, MigrateArgs{URI: str("/tmp/x")}, "unknown migration protocol: /tmp/x"},
 		{"rdma", src, MigrateArgs{URI: str("rdma:1.2.3.4:5")}, "migvisor does not support the rdma migration transport"},
 		{"duplicate channel", src, MigrateArgs{Channels: []Channel{{ChannelType: "main"}, {ChannelType: "main"}}}, "Channel list has more than one main entry"},
 		{"no main", src, MigrateArgs{Channels: []Channel{}}, "Channel list has no main entry"},
@@ -180,6 +180,12 @@ func TestMigrateRefusals(t *testing.T) {
 			requireQErr(t, m.mig.Migrate(MigrateArgs{URI: &uri}), tc.want)
 		})
 	}
+	t.Run("tls-creds on the destination", func(t *testing.T) {
+		d := newDest(t, 16, 1)
+		require.NoError(t, d.mig.SetParameters(setParams(t, `{"tls-creds": "tls0"}`)))
+		requireQErr(t, d.mig.MigrateIncoming(IncomingArgs{URI: &uri}), "No TLS credentials with id 'tls0'")
+		require.Nil(t, d.mig.IncomingDone(), "nothing listens for a plaintext stream")
+	})
 }
 
 // A guest that keeps writing converges when the link is fast, and both memories end equal.
@@ -481,11 +487,54 @@ func TestFaults(t *testing.T) {
 		requireSourceIntact(t, src, StatusCancelled, false)
 	})
 	t.Run("exec command fails", func(t *testing.T) {
-		src := newSource(t, 16, 1, false)
-		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:cat >/dev/null; exit 3")}))
+		for _, tc := range []struct {
+			name, cmd string
+			pages     int
+			want      string
+			stopped   bool // the failure came after the stop
+		}{
+			{"after reading", "cat >/dev/null; echo oops >&2; exit 3", 16,
+				`migration command failed: the command ended with exit status 3; its stderr: "oops"`, true},
+			// More than a pipe holds: the source must find the command gone.
+			{"without reading", "echo cannot >&2; exit 4", 1024,
+				`the migration command stopped reading the stream (write |1: broken pipe); the command ended with exit status 4; its stderr: "cannot"`, false},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				src := newSource(t, tc.pages, 1, false)
+				fill(src.m.mem)
+				require.NoError(t, src.mig.Migrate(MigrateArgs{URI: str("exec:" + tc.cmd)}))
+				wait(t, src.mig.Done())
+				require.Contains(t, query(t, src.mig)["error-desc"], tc.want)
+				requireSourceIntact(t, src, StatusFailed, tc.stopped)
+			})
+		}
+	})
+	t.Run("destination gone in the device phase", func(t *testing.T) {
+		src := newSource(t, 64, 1, false)
+		src.m.cpu = make([]byte, 32<<20) // more than both socket buffers: still going out at the close
+		uri := rawDest(t, func(c net.Conn) {
+			acceptHeader(c)
+			b := make([]byte, 64<<10)
+			for src.m.RunState() != RunFinishMigrate {
+				if _, err := c.Read(b); err != nil {
+					break
+				}
+			}
+			c.Close()
+		})
+		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
 		wait(t, src.mig.Done())
-		require.Contains(t, query(t, src.mig)["error-desc"], "migration command failed: exit status 3")
+		require.Regexp(t, `^sending (the last pages \(\d+-\d+\)|the vCPU state|the memory digest) \(device phase\): .*(broken pipe|connection reset)`,
+			query(t, src.mig)["error-desc"])
 		requireSourceIntact(t, src, StatusFailed, true)
+	})
+	t.Run("exec command of the destination fails", func(t *testing.T) {
+		dst := newDest(t, 16, 1)
+		no := false
+		require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("exec:echo gone >&2; exit 5"), ExitOnError: &no}))
+		wait(t, dst.mig.IncomingDone())
+		require.Equal(t, `the migration command's stream ended: the command ended with exit status 5; its stderr: "gone"`,
+			query(t, dst.mig)["error-desc"])
 	})
 	t.Run("cancel during setup", func(t *testing.T) {
 		src := newSource(t, 64, 1, false)

@@ -38,7 +38,10 @@ type Migration struct {
 	src             *sourceRun
 	dst             *incomingRun
 	incomingStarted bool
-	closing         bool
+	// setupStuck: a migrate-incoming's transport could not be opened. QEMU 10 then leaves the
+	// incoming state in setup: query-migrate shows it, and no other migrate-incoming is taken.
+	setupStuck bool
+	closing    bool
 }
 
 // New returns the migration service of cfg.Machine with QEMU's defaults.
@@ -131,10 +134,13 @@ func (m *Migration) Query() *MigrationInfo {
 	m.mu.Lock()
 	dst, src := m.dst, m.src
 	dl := m.caps["dirty-limit"]
+	stuck := m.setupStuck
 	m.mu.Unlock()
 	info := &MigrationInfo{}
 	if dst != nil {
 		dst.fill(info)
+	} else if stuck {
+		info.Status = StatusSetup
 	}
 	if src != nil {
 		src.fill(info, dl && m.cfg.Limiter != nil, m.cfg.Limiter)

@@ -31,7 +31,7 @@ func (s *sender) setup() error {
 	for p := nextUnmarked(s.bm, 0, s.npages); p < s.npages; {
 		end := nextMarked(s.bm, p, min(s.npages, p+maxRunPages))
 		if err := s.enc.WriteZeroPages(uint64(p), end-p); err != nil {
-			return s.r.ioError(err)
+			return s.r.ioError("sending zero pages", err)
 		}
 		s.sums.setRange(p, end, zeroPageSum)
 		zeroes += int64(end - p)

@@ -319,7 +319,7 @@ func (r *sourceRun) precopy() error {
 		err = s.enc.Flush()
 	}
 	if err != nil {
-		return r.ioError(err)
+		return r.ioError("sending the stream header", err)
 	}
 	if rp != nil {
 		// The destination accepts the header (or refuses it, with its reason) before any
@@ -373,8 +373,9 @@ func returnPathErr(err error) error {
 	return fmt.Errorf("the destination did not answer: %w", err)
 }
 
-// ioError prefers the destination's refusal, or the cancellation, to the write error it caused.
-func (r *sourceRun) ioError(err error) error {
+// ioError prefers the destination's refusal, or the cancellation, to the write error it caused,
+// and otherwise names what was being sent in which phase (setup, active, device).
+func (r *sourceRun) ioError(what string, err error) error {
 	if r.ctx.Err() != nil {
 		return errCancelled
 	}
@@ -390,7 +391,10 @@ func (r *sourceRun) ioError(err error) error {
 		case <-time.After(time.Second):
 		}
 	}
-	return err
+	r.mu.Lock()
+	phase := r.state
+	r.mu.Unlock()
+	return fmt.Errorf("%s (%s phase): %w", what, phase, err)
 }
 
 // earlyReply reports a refusal (or a broken return path) that arrived while sending.
@@ -472,7 +476,7 @@ func (s *sender) iterate() error {
 		s.tick(time.Now())
 		if s.rateExceeded() {
 			if err := s.enc.Flush(); err != nil {
-				return r.ioError(err)
+				return r.ioError("sending pages", err)
 			}
 			s.scrub(s.winStart.Add(bufferDelay))
 			select {
@@ -502,10 +506,10 @@ func (s *sender) iterate() error {
 			return err
 		}
 		if err := s.enc.WriteEndOfSection(uint64(s.syncCount)); err != nil {
-			return r.ioError(err)
+			return r.ioError(fmt.Sprintf("ending pass %d", s.syncCount), err)
 		}
 		if err := s.enc.Push(); err != nil {
-			return r.ioError(err)
+			return r.ioError(fmt.Sprintf("ending pass %d", s.syncCount), err)
 		}
 	}
 }
@@ -607,7 +611,11 @@ func (s *sender) send(deadline time.Time, limited bool) error {
 	for s.dirty > 0 {
 		first, n := s.nextRun()
 		if err := s.writeRun(first, n); err != nil {
-			return r.ioError(err)
+			what := fmt.Sprintf("sending pages %d-%d", first, first+n-1)
+			if s.stopped {
+				what = fmt.Sprintf("sending the last pages (%d-%d)", first, first+n-1)
+			}
+			return r.ioError(what, err)
 		}
 		if limited {
 			if s.rateExceeded() {
@@ -710,10 +718,10 @@ func (s *sender) writeRun(first, n int) error {
 func (s *sender) sendCPU() error {
 	cpu, err := s.mach.SaveCPU()
 	if err != nil {
-		return err
+		return fmt.Errorf("saving the vCPU state: %w", err)
 	}
 	if err := s.enc.WriteCPU(cpu); err != nil {
-		return s.r.ioError(err)
+		return s.r.ioError("sending the vCPU state", err)
 	}
 	return nil
 }
@@ -797,10 +805,10 @@ func (s *sender) complete() error {
 	s.down.lap("vCPU state")
 	// Every page holds what was last sent of it: the digest is that of memory as it stopped.
 	if err := s.enc.WriteTrailer(s.sums.digest(uint64(len(s.mem)))); err != nil {
-		return r.ioError(err)
+		return r.ioError("sending the memory digest", err)
 	}
 	if err := s.enc.Flush(); err != nil {
-		return r.ioError(err)
+		return r.ioError("sending the memory digest", err)
 	}
 	s.down.lap("digest")
 	r.mu.Lock()
@@ -828,7 +836,7 @@ func (s *sender) complete() error {
 	r.mu.Unlock()
 	if r.replies != nil {
 		if err := s.enc.WriteGo(); err != nil {
-			return err
+			return fmt.Errorf("sending the go-ahead: %w", err)
 		}
 	}
 	err := out.finish()

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/migvisor/migvisor/unixsock"
 )
 
 // Channel is one entry of migrate's / migrate-incoming's "channels".
@@ -96,18 +98,21 @@ func (a Address) String() string {
 func ParseURI(uri string) (Address, error) {
 	scheme, rest, ok := strings.Cut(uri, ":")
 	if !ok {
-		return Address{}, errBadProtocol
+		return Address{}, errUnknownProtocol(uri)
 	}
 	switch scheme {
 	case "unix":
 		if rest == "" {
-			return Address{}, errNoSocketPath
+			return Address{}, errInvalidUnixAddress
 		}
 		return Address{Transport: "socket", Type: "unix", Path: rest}, nil
 	case "tcp":
 		host, port, err := net.SplitHostPort(rest)
-		if err != nil || port == "" {
+		if err != nil {
 			return Address{}, errParseAddress(rest)
+		}
+		if port == "" {
+			return Address{}, errParsePort(rest)
 		}
 		return Address{Transport: "socket", Type: "inet", Host: host, Port: port}, nil
 	case "fd":
@@ -129,7 +134,7 @@ func ParseURI(uri string) (Address, error) {
 	case "rdma", "vsock":
 		return Address{}, errUnsupportedTransport(scheme)
 	}
-	return Address{}, errBadProtocol
+	return Address{}, errUnknownProtocol(uri)
 }
 
 // pickAddress applies QEMU's rules for the uri/channels pair.
@@ -193,10 +198,13 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
 		}
+		if a.Type == "unix" && unixsock.CheckPath(a.Path) != nil {
+			return nil, errUnixPathTooLong(a.Path)
+		}
 		var d net.Dialer
 		c, err := d.DialContext(ctx, network, addr)
 		if err != nil {
-			return nil, fmt.Errorf("failed to connect to '%s': %w", a, err)
+			return nil, dialErr(a, err)
 		}
 		setSockBuf(c)
 		return &sockOut{c}, nil
@@ -207,7 +215,7 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		}
 		f, err := os.OpenFile(a.Filename, flags, 0o660)
 		if err != nil {
-			return nil, fmt.Errorf("failed to open migration file: %w", err)
+			return nil, errCreateFile(a.Filename, err)
 		}
 		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
 			f.Close()
@@ -215,15 +223,17 @@ func dial(ctx context.Context, a Address) (outgoing, error) {
 		}
 		return &fileOut{f: f}, nil
 	case "exec":
-		cmd := command(a.Args)
-		w, err := cmd.StdinPipe()
+		pr, pw, err := os.Pipe()
 		if err != nil {
 			return nil, err
 		}
-		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("failed to run migration command: %w", err)
+		c, err := startChild(a.Args, func(cmd *exec.Cmd) { cmd.Stdin = pr })
+		pr.Close()
+		if err != nil {
+			pw.Close()
+			return nil, errRunCommand(err)
 		}
-		return &execOut{cmd: cmd, w: w}, nil
+		return &execOut{c: c, w: pw}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
 }
@@ -276,39 +286,111 @@ func (f *fileOut) finish() error {
 func (f *fileOut) abort() { f.once.Do(func() { f.f.Close() }) }
 
 type execOut struct {
-	cmd  *exec.Cmd
-	w    io.WriteCloser
+	c    *child
+	w    *os.File
 	once sync.Once
 }
 
-func (e *execOut) Write(b []byte) (int, error) { return e.w.Write(b) }
-func (e *execOut) reply() io.Reader            { return nil }
+// Write says why the command stopped reading: its exit status and stderr.
+func (e *execOut) Write(b []byte) (int, error) {
+	n, err := e.w.Write(b)
+	if err != nil {
+		err = fmt.Errorf("the migration command stopped reading the stream (%w); %s", err, e.c.describe(childWait))
+	}
+	return n, err
+}
+func (e *execOut) reply() io.Reader { return nil }
 func (e *execOut) finish() error {
 	e.w.Close()
-	if err := e.cmd.Wait(); err != nil {
-		return fmt.Errorf("migration command failed: %w", err)
+	<-e.c.exited
+	if e.c.err != nil {
+		return fmt.Errorf("migration command failed: %s", e.c.describe(0))
 	}
 	return nil
 }
 func (e *execOut) abort() {
 	e.once.Do(func() {
 		e.w.Close()
-		killGroup(e.cmd)
-		go e.cmd.Wait()
+		e.c.kill()
 	})
 }
 
-// command runs argv in a process group of its own, so that aborting kills what it started
-// too (sh -c forks its commands); its stderr is migvisor's.
-func command(argv []string) *exec.Cmd {
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	return cmd
+// childWait bounds how long a failure waits for the command's exit status.
+const childWait = 2 * time.Second
+
+// child is a migration command, run in a process group of its own so that aborting kills what
+// it started too (sh -c forks its commands). Its stderr goes to migvisor's, and the end of it
+// is kept so that a failure can say why. Its stream end is an *os.File of the caller's: exec
+// does not copy it, and nothing closes it under the caller's reads when the command exits.
+type child struct {
+	cmd    *exec.Cmd
+	stderr tail
+	exited chan struct{}
+	err    error // cmd.Wait's, once exited is closed
 }
 
-func killGroup(cmd *exec.Cmd) {
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+func startChild(argv []string, stream func(*exec.Cmd)) (*child, error) {
+	c := &child{cmd: exec.Command(argv[0], argv[1:]...), exited: make(chan struct{})}
+	c.cmd.Stderr = io.MultiWriter(os.Stderr, &c.stderr)
+	c.cmd.WaitDelay = childWait // a grandchild holding stderr open does not hold the exit up
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stream(c.cmd)
+	if err := c.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		c.err = c.cmd.Wait()
+		close(c.exited)
+	}()
+	return c, nil
+}
+
+func (c *child) kill() { syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL) }
+
+// describe says how the command ended, waiting for it at most wait, and what it last wrote
+// to stderr.
+func (c *child) describe(wait time.Duration) string {
+	select {
+	case <-c.exited:
+	case <-time.After(wait):
+	}
+	select {
+	case <-c.exited:
+	default:
+		return "the command is still running"
+	}
+	s := "the command exited with status 0"
+	if c.err != nil {
+		s = "the command ended with " + c.err.Error()
+	}
+	if t := strings.TrimSpace(c.stderr.String()); t != "" {
+		s += fmt.Sprintf("; its stderr: %q", t)
+	}
+	return s
+}
+
+// tail keeps the last tailMax bytes written to it.
+type tail struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+const tailMax = 512
+
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if len(t.b) > tailMax {
+		t.b = append(t.b[:0], t.b[len(t.b)-tailMax:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.b)
 }
 
 // inConn is the destination's end of one incoming stream.
@@ -335,34 +417,45 @@ func listen(a Address) (listener, error) {
 		network, addr := "unix", a.Path
 		if a.Type == "inet" {
 			network, addr = "tcp", net.JoinHostPort(a.Host, a.Port)
-		} else if fi, err := os.Lstat(a.Path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			os.Remove(a.Path) // a stale socket from an earlier run, as QEMU unlinks it
+		} else {
+			if unixsock.CheckPath(a.Path) != nil {
+				return nil, errUnixPathTooLong(a.Path)
+			}
+			// A stale socket from an earlier run goes, as QEMU unlinks it; unlike QEMU, no
+			// other kind of file is ever removed (bind then finds the address in use).
+			if fi, err := os.Lstat(a.Path); err == nil && fi.IsDir() {
+				return nil, errUnixUnlink(a.Path, syscall.EISDIR)
+			} else if err == nil && fi.Mode()&os.ModeSocket != 0 {
+				os.Remove(a.Path)
+			}
 		}
 		l, err := net.Listen(network, addr)
 		if err != nil {
-			return nil, errListen(a, err)
+			return nil, listenErr(a, err)
 		}
 		return &sockListener{l: l}, nil
 	case "file":
 		f, err := os.Open(a.Filename)
 		if err != nil {
-			return nil, errOpenFile(err)
+			return nil, errOpenFile(a.Filename, err)
 		}
 		if _, err := f.Seek(int64(a.Offset), io.SeekStart); err != nil {
 			f.Close()
-			return nil, errOpenFile(err)
+			return nil, errOpenFile(a.Filename, err)
 		}
 		return &onceListener{c: fileIn{f}}, nil
 	case "exec":
-		cmd := command(a.Args)
-		r, err := cmd.StdoutPipe()
+		pr, pw, err := os.Pipe()
 		if err != nil {
 			return nil, err
 		}
-		if err := cmd.Start(); err != nil {
+		c, err := startChild(a.Args, func(cmd *exec.Cmd) { cmd.Stdout = pw })
+		pw.Close()
+		if err != nil {
+			pr.Close()
 			return nil, errRunCommand(err)
 		}
-		return &onceListener{c: &execIn{cmd: cmd, r: r}}, nil
+		return &onceListener{c: &execIn{c: c, r: pr}}, nil
 	}
 	return nil, errUnsupportedTransport(a.Transport)
 }
@@ -379,6 +472,40 @@ func fdIncoming(f *os.File) (listener, error) {
 		return &onceListener{c: sockIn{c}}, nil
 	}
 	return &onceListener{c: fileIn{f}}, nil
+}
+
+// listenErr words a failed listen as QEMU 10 does for the same step (resolve, bind, listen).
+func listenErr(a Address, err error) error {
+	var sys *os.SyscallError
+	step := ""
+	if errors.As(err, &sys) {
+		step = sys.Syscall
+	}
+	switch {
+	case a.Type == "unix" && step == "bind":
+		return errUnixBind(a.Path, err)
+	case step == "bind" && errors.Is(err, syscall.EADDRINUSE):
+		return errNoPort(err)
+	case step == "bind":
+		return errInetBind(err)
+	case step == "listen":
+		return errListenSocket(err)
+	case a.Type == "inet" && step == "":
+		return errResolve(a.Host, a.Port, err)
+	}
+	return errInetBind(err)
+}
+
+// dialErr words a failed connect as QEMU 10 does.
+func dialErr(a Address, err error) error {
+	var sys *os.SyscallError
+	switch {
+	case a.Type == "unix":
+		return errConnect(a.Path, err)
+	case errors.As(err, &sys):
+		return errConnect(a.Host+":"+a.Port, err)
+	}
+	return errResolve(a.Host, a.Port, err)
 }
 
 type sockListener struct{ l net.Listener }
@@ -447,16 +574,30 @@ type fileIn struct{ *os.File }
 func (fileIn) replyTo() io.Writer { return nil }
 
 type execIn struct {
-	cmd *exec.Cmd
-	r   io.ReadCloser
+	c *child
+	r *os.File
 }
 
-func (e *execIn) Read(b []byte) (int, error) { return e.r.Read(b) }
-func (e *execIn) replyTo() io.Writer         { return nil }
+// Read ends the stream with the command's failure, if it failed, rather than a bare EOF.
+func (e *execIn) Read(b []byte) (int, error) {
+	n, err := e.r.Read(b)
+	if err == io.EOF {
+		select {
+		case <-e.c.exited:
+			if e.c.err != nil {
+				err = fmt.Errorf("the migration command's stream ended: %s", e.c.describe(0))
+			}
+		case <-time.After(childWait):
+		}
+	}
+	return n, err
+}
+func (e *execIn) replyTo() io.Writer { return nil }
 func (e *execIn) Close() error {
 	e.r.Close()
-	killGroup(e.cmd)
-	return e.cmd.Wait()
+	e.c.kill()
+	<-e.c.exited
+	return e.c.err
 }
 
 // drain reads and drops what the peer still sends after a refusal, so that closing does not

@@ -13,6 +13,7 @@ import (
 	"github.com/migvisor/migvisor/migration"
 	"github.com/migvisor/migvisor/qmp"
 	"github.com/migvisor/migvisor/schema"
+	"github.com/migvisor/migvisor/unixsock"
 	"github.com/migvisor/migvisor/vmm"
 	"github.com/migvisor/migvisor/vmm/kvm"
 )
@@ -104,16 +105,15 @@ func (d *daemon) listen() error {
 
 func listenEndpoint(ep endpoint) (net.Listener, error) {
 	if ep.network == "unix" {
+		if err := unixsock.CheckPath(ep.addr); err != nil {
+			return nil, fmt.Errorf("-qmp unix:%s: %w", ep.addr, err)
+		}
 		if err := removeStaleSocket(ep.addr); err != nil {
 			return nil, err
 		}
-		l, err := net.Listen("unix", ep.addr)
+		// Created with its final mode: under any umask only the owner can ever connect.
+		l, err := unixsock.Listen(ep.addr, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("-qmp unix:%s: %w", ep.addr, err)
-		}
-		l.(*net.UnixListener).SetUnlinkOnClose(true)
-		if err := os.Chmod(ep.addr, 0o600); err != nil {
-			l.Close()
 			return nil, fmt.Errorf("-qmp unix:%s: %w", ep.addr, err)
 		}
 		return l, nil
@@ -136,13 +136,30 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("-qmp unix:%s: %w", path, err)
 	}
 	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("-qmp unix:%s: file exists and is not a socket; not removing it", path)
+		return fmt.Errorf("-qmp unix:%s: %s exists and is %s, not a socket; not removing it", path, path, fileKind(fi.Mode()))
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
 		return fmt.Errorf("-qmp unix:%s: address already in use", path)
 	}
 	return os.Remove(path)
+}
+
+// fileKind names what a file is, for refusing to replace it.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m.IsRegular():
+		return "a regular file"
+	case m&os.ModeSymlink != 0:
+		return "a symbolic link"
+	case m&os.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	}
+	return "not a regular file"
 }
 
 // serve starts serving every listener; with wait=on it returns only once each such listener has
@@ -182,9 +199,8 @@ func (f *firstAccept) Accept() (net.Conn, error) {
 }
 
 // incomingFailed ends the daemon after an incoming migration failed with exit-on-error on, as
-// QEMU exits: the guest was never run.
+// QEMU exits: the guest was never run. The migration has logged why.
 func (d *daemon) incomingFailed(err error) {
-	fmt.Fprintf(d.log, "migvisor: incoming migration failed: %v\n", err)
 	d.failed = err
 	d.shutdown()
 }
@@ -197,6 +213,7 @@ func (d *daemon) run(ctx context.Context) {
 	d.serve()
 	if d.cfg.incoming != "" {
 		if err := d.mig.StartIncoming(d.cfg.incoming); err != nil {
+			fmt.Fprintf(d.log, "migvisor: -incoming %s: %v\n", d.cfg.incoming, err)
 			d.incomingFailed(err)
 		}
 	}

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -126,15 +128,50 @@ func TestProcessQuit(t *testing.T) {
 	require.NoError(t, cmd.Wait(), "stderr: %s", stderr.String())
 }
 
-func TestProcessRefusesNonSocketPath(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "precious")
-	require.NoError(t, os.WriteFile(path, []byte("keep me"), 0o644))
-	out, err := exec.Command(migvisorBin(t), "-accel", "soft", "-qmp", "unix:"+path+",server=on,wait=off").CombinedOutput()
-	require.Error(t, err)
-	require.Contains(t, string(out), "not a socket")
-	b, err := os.ReadFile(path)
+func TestProcessRefusesSocketPath(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "precious")
+	require.NoError(t, os.WriteFile(file, []byte("keep me"), 0o644))
+	sub := filepath.Join(dir, "sub")
+	require.NoError(t, os.Mkdir(sub, 0o755))
+	long := filepath.Join(dir, strings.Repeat("x", 120))
+	for _, tc := range []struct {
+		name, path, want string
+	}{
+		{"regular file", file, file + " exists and is a regular file, not a socket; not removing it"},
+		{"directory", sub, sub + " exists and is a directory, not a socket; not removing it"},
+		{"too long", long, fmt.Sprintf("unix socket path '%s' is too long (%d bytes, at most 107)", long, len(long))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := exec.Command(migvisorBin(t), "-accel", "soft", "-qmp", "unix:"+tc.path+",server=on,wait=off").CombinedOutput()
+			require.Error(t, err)
+			require.Contains(t, string(out), tc.want)
+		})
+	}
+	b, err := os.ReadFile(file)
 	require.NoError(t, err)
 	require.Equal(t, "keep me", string(b))
+	fi, err := os.Stat(sub)
+	require.NoError(t, err)
+	require.True(t, fi.IsDir())
+}
+
+// TestProcessIncomingFailureLoggedOnce: a failed incoming migration ends the daemon (exit-on-error)
+// with one line saying why.
+func TestProcessIncomingFailureLoggedOnce(t *testing.T) {
+	for _, tc := range []struct{ name, uri, want string }{
+		{"bad stream", "exec:echo garbage", "incoming migration failed: migration stream: not a migvisor migration stream"},
+		{"cannot listen", "unix:/nonexistent/dir/s.sock", "-incoming unix:/nonexistent/dir/s.sock: Failed to bind socket to /nonexistent/dir/s.sock: No such file or directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "m.sock")
+			out, err := exec.Command(migvisorBin(t), "-accel", "soft", "-incoming", tc.uri,
+				"-qmp", "unix:"+sock+",server=on,wait=off").CombinedOutput()
+			require.Error(t, err)
+			require.Contains(t, string(out), tc.want)
+			require.Equal(t, 1, strings.Count(string(out), "\n"), "one line: %s", out)
+		})
+	}
 }
 
 func TestProcessBadOptions(t *testing.T) {
