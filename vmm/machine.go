@@ -89,7 +89,8 @@ type Machine struct {
 	maxCPUs int
 
 	mu        sync.Mutex // run state and vCPU parking
-	cond      *sync.Cond // signalled on every change under mu
+	cond      *sync.Cond // signalled on every change under mu but parking, for the vCPUs
+	allParked *sync.Cond // signalled when the last vCPU parks (one wake, not one a vCPU per park)
 	state     RunState
 	autostart bool   // cont during inmigrate: run once the migration completes
 	run       bool   // vCPUs may run
@@ -161,6 +162,7 @@ func New(cfg Config) (*Machine, error) {
 		m.logf = func(string, ...any) {}
 	}
 	m.cond = sync.NewCond(&m.mu)
+	m.allParked = sync.NewCond(&m.mu)
 	lay, err := newLayout(cfg)
 	if err != nil {
 		return nil, err
@@ -229,6 +231,7 @@ func (m *Machine) Close() error {
 	m.closed = true
 	m.run = false
 	m.cond.Broadcast()
+	m.allParked.Broadcast()
 	m.mu.Unlock()
 	close(m.done)
 	for _, c := range m.cpus {
@@ -417,8 +420,11 @@ func (m *Machine) waitRunnable(c *vcpu) bool {
 	for (!m.run || c.failure != "") && !m.closed {
 		if !c.parked {
 			c.parked = true
-			m.nparked++
-			m.cond.Broadcast()
+			// Only Stop waits for parking: a broadcast to the parked vCPUs at each park would
+			// cost a number of thread wakes quadratic in the vCPUs.
+			if m.nparked++; m.nparked == len(m.cpus) {
+				m.allParked.Broadcast()
+			}
 		}
 		m.cond.Wait()
 	}
@@ -445,7 +451,7 @@ func (m *Machine) setRunLocked(run bool) {
 		m.kickThread(c)
 	}
 	for m.nparked < len(m.cpus) && !m.closed {
-		m.cond.Wait()
+		m.allParked.Wait()
 	}
 }
 
