@@ -102,3 +102,19 @@ func cpuTime(t *testing.T) time.Duration {
 	require.NoError(t, unix.Getrusage(unix.RUSAGE_SELF, &ru))
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// A guest larger than 4 GiB starts; its workloads stay below 4 GiB, what 32-bit code reaches.
+func TestGuestPast4GiB(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, accel string) {
+		m := newMachine(t, Config{Accel: accel, CPUs: 2, MemSize: 16 << 30, DirtyRingSize: testRing(accel),
+			Workloads: []Workload{{Mode: ModeWrite, Size: 4 << 20}, {Mode: ModeRead, Size: 4 << 20}}, Initial: Running})
+		waitFor(t, "passes", func() bool {
+			st := m.WorkloadStats()
+			return st[0].Passes > 0 && st[1].Passes > 0
+		})
+		for _, s := range m.WorkloadStats() {
+			require.LessOrEqual(t, s.RegionStart+s.RegionSize, uint64(1<<32))
+		}
+		require.Len(t, m.Memory(), 16<<30)
+	})
+}
