@@ -38,8 +38,13 @@
 //
 // The reaper's threads, one per host CPU, are pinned and run at a real-time priority where
 // allowed (root); they sleep while no vCPU is in guest mode, so an idle machine costs
-// nothing. While a machine exists GOMAXPROCS leaves spare Ps, because a thread in KVM_RUN
-// holds its P until the runtime takes it back. Guest memory of the workload regions is
+// nothing. While a machine exists GOMAXPROCS leaves spare Ps, one for each vCPU with a read
+// or write workload (idle vCPUs halt outside KVM_RUN), because a thread in KVM_RUN holds its
+// P until the runtime takes it back.
+//
+// A machine has 1 to MaxCPUs(Accel) vCPUs (KVM_CAP_MAX_VCPUS, 1024 on the soft backend);
+// vmm/guest's layout keeps every vCPU's record and code below the workload regions, which
+// start at 1 MiB for up to 1024 vCPUs and stay below 4 GiB in larger guests. Guest memory of the workload regions is
 // pre-faulted on the host side at New (first touches are expensive on the project's hosts).
 //
 //	m, err := vmm.New(vmm.Config{MemSize: 512 << 20, CPUs: 2, Accel: "kvm", DirtyRingSize: 4096,

@@ -7,7 +7,7 @@ import (
 )
 
 // The texts QEMU prints or returns for the same conditions (system/runstate.c, vl.c,
-// accel/kvm/kvm-all.c, util/cutils.c).
+// accel/kvm/kvm-all.c, util/cutils.c, hw/core/machine-smp.c).
 const (
 	errNeedsReset      = "Resetting the Virtual Machine is required"
 	errRingPowerOfTwo  = "dirty-ring-size must be a power of two."
@@ -18,11 +18,14 @@ const (
 	errSizeMissing     = "missing 'size' option value"
 	errNotPaused       = "vCPU state can only be read or written while the vCPUs are stopped"
 	errCPUStateVersion = "vCPU state: unsupported format"
+	errTooManyCPUsFmt  = "Invalid SMP CPUs %d. The max CPUs supported by machine '%s' is %d"
 )
 
 func errRingTooBig(n, max int) error { return qerr.Generic(errRingTooBigFmt, n, max) }
 
 func errRingEnable(reason string) error { return qerr.Generic(errRingEnableFmt, reason) }
+
+func errTooManyCPUs(n, max int) error { return qerr.Generic(errTooManyCPUsFmt, n, MachineName, max) }
 
 func errSize(param string) error { return qerr.Generic(errSizeFmt, param) }
 

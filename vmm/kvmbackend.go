@@ -157,7 +157,7 @@ func (c *kvmCPU) start() error {
 	if err != nil {
 		return err
 	}
-	copy(m.mem[guest.CodeAddr(c.id):guest.CodeAddr(c.id)+guest.CodeStride], code)
+	copy(m.mem[lay.codeAddr(c.id):lay.codeAddr(c.id)+guest.CodeStride], code)
 	if rate := lay.work[c.id].Rate; rate > 0 {
 		khz, err := c.v.TSCKHz()
 		if err != nil {
@@ -166,7 +166,7 @@ func (c *kvmCPU) start() error {
 		c.ticks = guest.TicksPerPage(rate, khz*1000)
 	}
 	guest.InitRecord(m.mem, lay.records[c.id], c.ticks)
-	return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
+	return kvm.SetupProtectedMode(c.v, uint32(lay.codeAddr(c.id)), 0)
 }
 
 func (c *kvmCPU) init() error {
@@ -226,7 +226,7 @@ func (c *kvmCPU) load(b []byte) error {
 	// The record came with the memory, paced for the source's TSC.
 	guest.SetTicksPerPage(c.b.m.mem, c.b.m.lay.records[c.id], c.ticks)
 	if b == nil { // state from another accelerator: restart the program where it is loaded
-		return kvm.SetupProtectedMode(c.v, uint32(guest.CodeAddr(c.id)), 0)
+		return kvm.SetupProtectedMode(c.v, uint32(c.b.m.lay.codeAddr(c.id)), 0)
 	}
 	var s kvmState
 	if len(b) != binary.Size(&s) {

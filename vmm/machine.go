@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/migvisor/migvisor/vmm/kvm"
 	"golang.org/x/sys/unix"
 )
 
@@ -22,10 +23,33 @@ const (
 	AccelSoft = "soft"
 )
 
+// MachineName is the machine type QEMU's messages name for a migvisor machine.
+const MachineName = "migvisor"
+
+// MaxSoftCPUs is the most vCPUs the soft backend runs: what KVM allows on common hosts.
+const MaxSoftCPUs = 1024
+
+// MaxCPUs is the most vCPUs a machine on accel can have: KVM_CAP_MAX_VCPUS with KVM,
+// MaxSoftCPUs with the soft backend.
+func MaxCPUs(accel string) (int, error) {
+	switch accel {
+	case AccelSoft:
+		return MaxSoftCPUs, nil
+	case AccelKVM:
+		sys, err := kvm.Open()
+		if err != nil {
+			return 0, err
+		}
+		defer sys.Close()
+		return sys.MaxVCPUs()
+	}
+	return 0, fmt.Errorf("vmm: accelerator %q", accel)
+}
+
 // Config describes a machine.
 type Config struct {
 	MemSize       uint64     // bytes, a multiple of PageSize
-	CPUs          int        // vCPUs, at least 1
+	CPUs          int        // vCPUs, at least 1 and at most MaxCPUs(Accel)
 	Accel         string     // AccelKVM or AccelSoft
 	DirtyRingSize int        // entries per vCPU (see ValidateRingSize); 0 = no ring, a dirty bitmap
 	Workloads     []Workload // one per vCPU (index = cpu; missing or zero value = idle)
@@ -61,9 +85,12 @@ type Machine struct {
 	be    backend
 	cpus  []*vcpu
 	lay   layout
+	// maxCPUs is MaxCPUs(cfg.Accel) as New found it.
+	maxCPUs int
 
 	mu        sync.Mutex // run state and vCPU parking
-	cond      *sync.Cond // signalled on every change under mu
+	cond      *sync.Cond // signalled on every change under mu but parking, for the vCPUs
+	allParked *sync.Cond // signalled when the last vCPU parks (one wake, not one a vCPU per park)
 	state     RunState
 	autostart bool   // cont during inmigrate: run once the migration completes
 	run       bool   // vCPUs may run
@@ -107,6 +134,13 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.CPUs < 1 {
 		return nil, fmt.Errorf("vmm: %d vCPUs", cfg.CPUs)
 	}
+	maxCPUs, err := MaxCPUs(cfg.Accel)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.CPUs > maxCPUs {
+		return nil, errTooManyCPUs(cfg.CPUs, maxCPUs)
+	}
 	if cfg.MemSize == 0 || cfg.MemSize%PageSize != 0 {
 		return nil, fmt.Errorf("vmm: memory size %d is not a positive multiple of %d", cfg.MemSize, PageSize)
 	}
@@ -123,11 +157,12 @@ func New(cfg Config) (*Machine, error) {
 	default:
 		return nil, fmt.Errorf("vmm: initial run state %q", cfg.Initial)
 	}
-	m := &Machine{cfg: cfg, logf: cfg.Logf, state: cfg.Initial, done: make(chan struct{})}
+	m := &Machine{cfg: cfg, logf: cfg.Logf, state: cfg.Initial, maxCPUs: maxCPUs, done: make(chan struct{})}
 	if m.logf == nil {
 		m.logf = func(string, ...any) {}
 	}
 	m.cond = sync.NewCond(&m.mu)
+	m.allParked = sync.NewCond(&m.mu)
 	lay, err := newLayout(cfg)
 	if err != nil {
 		return nil, err
@@ -149,13 +184,10 @@ func New(cfg Config) (*Machine, error) {
 			}
 		}
 	}
-	switch cfg.Accel {
-	case AccelSoft:
+	if cfg.Accel == AccelSoft {
 		m.be, err = newSoftBackend(m)
-	case AccelKVM:
+	} else {
 		m.be, err = newKVMBackend(m)
-	default:
-		err = fmt.Errorf("vmm: accelerator %q", cfg.Accel)
 	}
 	if err != nil {
 		m.ram.close()
@@ -165,7 +197,7 @@ func New(cfg Config) (*Machine, error) {
 	for i := range m.cpus {
 		m.cpus[i] = &vcpu{id: i, r: m.be.runner(i), ring: m.be.ring(i), wake: make(chan struct{}, 1)}
 	}
-	spareProcs(cfg.CPUs)
+	spareProcs(lay.busy())
 	m.rp = newReaper(m)
 	m.stats = newSampler(m)
 	ready := make(chan struct{}, cfg.CPUs)
@@ -199,6 +231,7 @@ func (m *Machine) Close() error {
 	m.closed = true
 	m.run = false
 	m.cond.Broadcast()
+	m.allParked.Broadcast()
 	m.mu.Unlock()
 	close(m.done)
 	for _, c := range m.cpus {
@@ -214,6 +247,10 @@ func (m *Machine) Close() error {
 	err := m.be.close()
 	return errors.Join(err, m.ram.close())
 }
+
+// MaxCPUs is the most vCPUs a machine on this one's accelerator can have (query-machines'
+// cpu-max).
+func (m *Machine) MaxCPUs() int { return m.maxCPUs }
 
 // NumCPUs is the number of vCPUs.
 func (m *Machine) NumCPUs() int { return len(m.cpus) }
@@ -383,8 +420,11 @@ func (m *Machine) waitRunnable(c *vcpu) bool {
 	for (!m.run || c.failure != "") && !m.closed {
 		if !c.parked {
 			c.parked = true
-			m.nparked++
-			m.cond.Broadcast()
+			// Only Stop waits for parking: a broadcast to the parked vCPUs at each park would
+			// cost a number of thread wakes quadratic in the vCPUs.
+			if m.nparked++; m.nparked == len(m.cpus) {
+				m.allParked.Broadcast()
+			}
 		}
 		m.cond.Wait()
 	}
@@ -411,7 +451,7 @@ func (m *Machine) setRunLocked(run bool) {
 		m.kickThread(c)
 	}
 	for m.nparked < len(m.cpus) && !m.closed {
-		m.cond.Wait()
+		m.allParked.Wait()
 	}
 }
 
@@ -431,14 +471,14 @@ var procs struct {
 	users, saved int
 }
 
-func spareProcs(vcpus int) {
+func spareProcs(busy int) {
 	procs.Lock()
 	defer procs.Unlock()
 	if procs.users == 0 {
 		procs.saved = runtime.GOMAXPROCS(0)
 	}
 	procs.users++
-	if want := 2*runtime.NumCPU() + vcpus + 2; runtime.GOMAXPROCS(0) < want {
+	if want := 2*runtime.NumCPU() + busy + 2; runtime.GOMAXPROCS(0) < want {
 		runtime.GOMAXPROCS(want)
 	}
 }

@@ -29,7 +29,7 @@ func newSoftBackend(m *Machine) (*softBackend, error) {
 		if err != nil {
 			return nil, err
 		}
-		copy(m.mem[guest.CodeAddr(i):guest.CodeAddr(i)+guest.CodeStride], code)
+		copy(m.mem[m.lay.codeAddr(i):m.lay.codeAddr(i)+guest.CodeStride], code)
 		guest.InitRecord(m.mem, m.lay.records[i], 0)
 		c := &softCPU{b: b, id: i, w: m.lay.work[i], reg: m.lay.regions[i], rec: m.lay.records[i]}
 		if n := m.cfg.DirtyRingSize; n > 0 {

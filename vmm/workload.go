@@ -12,9 +12,11 @@ import (
 // region is a vCPU's workload region in guest physical memory, in bytes.
 type region struct{ start, size uint64 }
 
-// layout places the workloads: each vCPU's code page and record below 1 MiB (where vmm/guest
-// puts them, for both backends), then the regions one after the other from 1 MiB up, in vCPU
-// order; workloads without a size share the memory the others leave.
+// layout places the workloads: each vCPU's record and code where vmm/guest suggests (for both
+// backends: below 1 MiB for up to 1024 vCPUs), then the regions one after the other from
+// guest.RegionStart up, in vCPU order; workloads without a size share the memory the others
+// leave below guest.RegionLimit (what 32-bit code reaches: a larger guest's memory above it is
+// never touched).
 type layout struct {
 	work    []Workload // resolved: mode and bytes per page filled in
 	regions []region   // zero for idle vCPUs
@@ -23,9 +25,6 @@ type layout struct {
 
 func newLayout(cfg Config) (layout, error) {
 	n := cfg.CPUs
-	if guest.CodeAddr(n-1)+guest.CodeStride > guest.RecordBase {
-		return layout{}, fmt.Errorf("vmm: at most %d vCPUs", (guest.RecordBase-guest.CodeBase)/guest.CodeStride)
-	}
 	l := layout{work: make([]Workload, n), regions: make([]region, n), records: make([]uint64, n)}
 	for i := range l.work {
 		if i < len(cfg.Workloads) {
@@ -47,16 +46,20 @@ func newLayout(cfg Config) (layout, error) {
 		}
 		l.records[i] = guest.RecordAddr(i)
 	}
-	if cfg.MemSize <= guest.RegionStart {
+	if need := guest.CodeAddr(n, n); cfg.MemSize < need {
+		return layout{}, fmt.Errorf("vmm: %d bytes of guest memory do not hold the records and programs of %d vCPUs (%d bytes)", cfg.MemSize, n, need)
+	}
+	first, top := guest.RegionStart(n), min(cfg.MemSize, guest.RegionLimit)
+	if top <= first {
 		for _, w := range l.work {
 			if w.Mode != ModeIdle {
-				return layout{}, fmt.Errorf("vmm: workloads need guest memory above 1 MiB")
+				return layout{}, fmt.Errorf("vmm: workloads need guest memory above %#x", first)
 			}
 		}
 		return l, nil
 	}
 	// Workloads without a size share what the sized ones leave, in whole pages.
-	left, unsized := cfg.MemSize-guest.RegionStart, uint64(0)
+	left, unsized := top-first, uint64(0)
 	for _, w := range l.work {
 		switch {
 		case w.Mode == ModeIdle:
@@ -67,7 +70,7 @@ func newLayout(cfg Config) (layout, error) {
 		}
 	}
 	def := left / max(unsized, 1) / PageSize * PageSize
-	next := uint64(guest.RegionStart)
+	next := first
 	for i, w := range l.work {
 		if w.Mode == ModeIdle {
 			continue
@@ -80,7 +83,7 @@ func newLayout(cfg Config) (layout, error) {
 			return layout{}, fmt.Errorf("vmm: vCPU %d: region size %d is not a positive multiple of %d", i, size, PageSize)
 		}
 		end := next + size
-		if end > cfg.MemSize || end < next || end >= 1<<32 {
+		if end > top || end < next {
 			return layout{}, fmt.Errorf("vmm: the workload regions do not fit: vCPU %d's %d bytes at %#x pass the end of guest memory (%d bytes, at most 4 GiB usable)",
 				i, size, next, cfg.MemSize)
 		}
@@ -99,6 +102,21 @@ func (l layout) flatOutWriter() bool {
 	}
 	return false
 }
+
+// busy is the number of vCPUs that run in guest mode rather than halt: those with a read or
+// write workload.
+func (l layout) busy() int {
+	n := 0
+	for _, r := range l.regions {
+		if r.size > 0 {
+			n++
+		}
+	}
+	return n
+}
+
+// codeAddr is where vCPU cpu's program is loaded and starts.
+func (l layout) codeAddr(cpu int) uint64 { return guest.CodeAddr(len(l.work), cpu) }
 
 // writable is what vCPU cpu's program can store to: its record and, for a write workload, its
 // region (the programs use no stack; vmm/guest's tests pin the pages each mode dirties).

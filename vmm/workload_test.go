@@ -28,13 +28,23 @@ func TestLayout(t *testing.T) {
 		{"all idle", 2 * mib, 2, nil, []region{{}, {}}, ""},
 		{"too big", 16 * mib, 2, []Workload{{Mode: ModeWrite, Size: 8 * mib}, {Mode: ModeWrite, Size: 8 * mib}}, nil,
 			"vmm: the workload regions do not fit: vCPU 1's 8388608 bytes at 0x900000 pass the end of guest memory (16777216 bytes, at most 4 GiB usable)"},
-		{"no room above 1 MiB", mib, 1, []Workload{{Mode: ModeWrite}}, nil, "vmm: workloads need guest memory above 1 MiB"},
+		{"no room above 1 MiB", mib, 1, []Workload{{Mode: ModeWrite}}, nil, "vmm: workloads need guest memory above 0x100000"},
+		{"no room for the programs", 64 << 10, 2, nil, nil,
+			"vmm: 65536 bytes of guest memory do not hold the records and programs of 2 vCPUs (70656 bytes)"},
+		{"programs of 1024 vCPUs below 1 MiB", mib, 1024, nil, make([]region, 1024), ""},
+		{"256 vCPUs, one writer", 64 * mib, 256, []Workload{{Mode: ModeWrite}},
+			append([]region{{mib, 63 * mib}}, make([]region, 255)...), ""},
+		{"2048 vCPUs: regions past the programs", 64 * mib, 2048, []Workload{{Mode: ModeWrite}},
+			append([]region{{0x130000, 64*mib - 0x130000}}, make([]region, 2047)...), ""},
+		{"16 GiB: regions below 4 GiB", 16 << 30, 2, []Workload{{Mode: ModeWrite}, {Mode: ModeRead}},
+			[]region{{mib, 0x7ff7f000}, {mib + 0x7ff7f000, 0x7ff7f000}}, ""},
+		{"16 GiB: a sized region past 4 GiB", 16 << 30, 1, []Workload{{Mode: ModeWrite, Size: 4 << 30}}, nil,
+			"vmm: the workload regions do not fit: vCPU 0's 4294967296 bytes at 0x100000 pass the end of guest memory (17179869184 bytes, at most 4 GiB usable)"},
 		{"unaligned size", 16 * mib, 1, []Workload{{Mode: ModeWrite, Size: 1000}}, nil,
 			"vmm: vCPU 0: region size 1000 is not a positive multiple of 4096"},
 		{"bytes per page", 16 * mib, 1, []Workload{{Mode: ModeWrite, BytesPerPage: 6}}, nil,
 			"vmm: vCPU 0: 6 bytes per page is not a multiple of 4 in [4, 4096]"},
 		{"mode", 16 * mib, 1, []Workload{{Mode: "run"}}, nil, `vmm: vCPU 0: workload mode "run"`},
-		{"too many vCPUs", 16 * mib, 16, nil, nil, "vmm: at most 15 vCPUs"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l, err := newLayout(Config{MemSize: tc.mem, CPUs: tc.cpus, Workloads: tc.w})
@@ -59,7 +69,7 @@ func TestSoftRecordIsTheGuestRecord(t *testing.T) {
 	r := guest.ReadRecord(m.Memory(), guest.RecordAddr(0))
 	require.True(t, r.Started)
 	require.Equal(t, guest.ModeWrite, r.Mode)
-	require.Equal(t, uint32(guest.RegionStart), r.RegionBase)
+	require.Equal(t, uint32(guest.MinRegionStart), r.RegionBase)
 	require.Equal(t, uint32(8*PageSize), r.RegionSize)
 	require.Equal(t, r.Pages/8, r.Passes)
 	require.Equal(t, guest.ModeIdle, guest.ReadRecord(m.Memory(), guest.RecordAddr(1)).Mode)
@@ -73,7 +83,7 @@ func TestWorkloadStats(t *testing.T) {
 		st := m.WorkloadStats()
 		require.Equal(t, WorkloadStat{CPU: 1, Mode: ModeIdle}, st[1])
 		require.Equal(t, ModeWrite, st[0].Mode)
-		require.Equal(t, uint64(guest.RegionStart), st[0].RegionStart)
+		require.Equal(t, uint64(guest.MinRegionStart), st[0].RegionStart)
 		require.Equal(t, uint64(64*PageSize), st[0].RegionSize)
 		require.NotZero(t, st[0].Pages)
 		require.Equal(t, st[0].Pages/64, st[0].Passes, "passes count whole regions")

@@ -22,6 +22,7 @@ func benchMigrate(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	mem := fs.String("m", "1G", "guest memory")
 	ring := fs.Int("ring", 4096, "dirty ring entries per vCPU")
+	smp := fs.Int("smp", 2, "vCPUs of both daemons: 0 writes, 1 reads, the others are idle")
 	accel := fs.String("accel", "kvm", "accelerator of both daemons (kvm or soft)")
 	bandwidth := fs.Uint64("bandwidth", 128<<20, "max-bandwidth, bytes/s")
 	downtime := fs.Uint64("downtime", 300, "downtime-limit, ms")
@@ -53,10 +54,14 @@ func benchMigrate(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	common := benchCommon{mem: *mem, ring: *ring, accel: *accel, bandwidth: *bandwidth, downtime: *downtime,
+	if *smp < 2 {
+		fmt.Fprintf(stderr, "migctl: -smp %d: the scenarios need a writing and a reading vCPU\n", *smp)
+		return 2
+	}
+	common := benchCommon{mem: *mem, ring: *ring, smp: *smp, accel: *accel, bandwidth: *bandwidth, downtime: *downtime,
 		timeout: *timeout, transport: *transport, dir: dir}
-	fmt.Fprintf(stdout, "guest %s, 2 vCPUs (0 writes flat out, 1 reads), %s, ring %d, max-bandwidth %d MiB/s, downtime-limit %d ms, over %s\n\n",
-		*mem, *accel, *ring, *bandwidth>>20, *downtime, *transport)
+	fmt.Fprintf(stdout, "guest %s, %d vCPUs (0 writes flat out, 1 reads, the others idle), %s, ring %d, max-bandwidth %d MiB/s, downtime-limit %d ms, over %s\n\n",
+		*mem, *smp, *accel, *ring, *bandwidth>>20, *downtime, *transport)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "scenario\tresult\ttotal ms\tdowntime ms\tsent MiB\tpasses\tread vCPU speed\tMiB/s\t")
 	var notes []string
@@ -106,7 +111,7 @@ type scenario struct {
 
 type benchCommon struct {
 	mem, accel, transport, dir string
-	ring                       int
+	ring, smp                  int
 	bandwidth, downtime        uint64
 	timeout                    time.Duration
 }
@@ -159,7 +164,7 @@ func (b benchCommon) run(i int, s scenario) (benchResult, error) {
 	defer cancel()
 	var res benchResult
 	accel := fmt.Sprintf("%s,dirty-ring-size=%d", b.accel, b.ring)
-	machine := []string{"-accel", accel, "-smp", "2", "-m", b.mem}
+	machine := []string{"-accel", accel, "-smp", strconv.Itoa(b.smp), "-m", b.mem}
 	if s.idle {
 		// One store a page is enough to make every page non-zero (sent whole); filling whole
 		// pages would take minutes where KVM emulates the guest's stores.

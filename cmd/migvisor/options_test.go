@@ -18,7 +18,7 @@ func TestParseArgs(t *testing.T) {
 			require.Equal(t, 2, c.cpus)
 			require.Equal(t, defaultUUID, c.uuid)
 			require.Empty(t, c.qmp)
-			require.Len(t, c.workloads, 2)
+			require.Empty(t, c.workloads, "every vCPU idle")
 		}},
 		{"qmp unix and tcp", []string{"-qmp", "unix:/tmp/a.sock,server=on,wait=off", "-qmp", "tcp:127.0.0.1:4444,server,nowait"},
 			func(t *testing.T, c *config) {
@@ -31,6 +31,10 @@ func TestParseArgs(t *testing.T) {
 		{"memory bare MiB", []string{"-m", "256"}, func(t *testing.T, c *config) { require.Equal(t, uint64(256<<20), c.memSize) }},
 		{"memory size=", []string{"-m", "size=64M"}, func(t *testing.T, c *config) { require.Equal(t, uint64(64<<20), c.memSize) }},
 		{"smp", []string{"-smp", "cpus=4"}, func(t *testing.T, c *config) { require.Equal(t, 4, c.cpus) }},
+		{"smp past any machine's limit", []string{"-smp", "1000000"}, func(t *testing.T, c *config) {
+			require.Equal(t, 1000000, c.cpus) // refused by the machine, with QEMU's text
+			require.Empty(t, c.workloads)
+		}},
 		{"accel ring", []string{"-accel", "kvm,dirty-ring-size=4096"}, func(t *testing.T, c *config) {
 			require.Equal(t, "kvm", c.accel)
 			require.Equal(t, 4096, c.ringSize)
@@ -49,6 +53,11 @@ func TestParseArgs(t *testing.T) {
 				require.Equal(t, "write", c.workloads[0].Mode)
 				require.Equal(t, "read", c.workloads[1].Mode)
 				require.Equal(t, "read", c.workloads[2].Mode)
+			}},
+		{"workloads up to the last vCPU named", []string{"-smp", "256", "-workload", "cpus=3,mode=write"},
+			func(t *testing.T, c *config) {
+				require.Len(t, c.workloads, 4)
+				require.Equal(t, "write", c.workloads[3].Mode)
 			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

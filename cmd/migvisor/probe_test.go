@@ -185,7 +185,7 @@ func TestLibvirtProbe(t *testing.T) {
 	require.Len(t, machines, 1)
 	mach := machines[0].(map[string]any)
 	require.Equal(t, true, mach["is-default"])
-	require.Equal(t, float64(maxCPUs), mach["cpu-max"])
+	require.Equal(t, float64(p.d.machine.MaxCPUs()), mach["cpu-max"])
 	cpus := results["query-cpu-definitions"].([]any)
 	require.Equal(t, mach["default-cpu-type"], cpus[0].(map[string]any)["typename"])
 	require.Equal(t, map[string]any{"arch": "x86_64"}, results["query-target"])

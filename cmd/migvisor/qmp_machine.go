@@ -80,7 +80,7 @@ func registerMachine(srv *qmp.Server, m *vmm.Machine, d *daemon) {
 		// One machine type, migvisor's: no ACPI, no NUMA, no CPU hotplug, and no memory
 		// backend (so no default-ram-id).
 		return []map[string]any{{
-			"name": machineName, "is-default": true, "cpu-max": maxCPUs,
+			"name": machineName, "is-default": true, "cpu-max": m.MaxCPUs(),
 			"hotpluggable-cpus": false, "numa-mem-supported": false, "deprecated": false,
 			"default-cpu-type": cpuTypeName, "acpi": false,
 		}}, nil

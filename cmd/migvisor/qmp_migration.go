@@ -17,7 +17,10 @@ import (
 // closes. fatal is called when an incoming migration fails and exit-on-error is on (QEMU then
 // exits with an error).
 func newMigration(d *daemon, fatal func(error)) (*migration.Migration, error) {
-	workloads, err := json.Marshal(d.cfg.workloads)
+	// The stream compares every vCPU's workload, idle ones too.
+	all := make([]vmm.Workload, d.machine.NumCPUs())
+	copy(all, d.cfg.workloads)
+	workloads, err := json.Marshal(all)
 	if err != nil {
 		return nil, err
 	}

@@ -17,7 +17,7 @@ import (
 // after migvisor because they are neither of QEMU's (no firmware, no ACPI, no devices, the
 // vCPUs run with KVM's default CPUID).
 const (
-	machineName = "migvisor"
+	machineName = vmm.MachineName
 	cpuModel    = "migvisor"
 	cpuTypeName = cpuModel + "-x86_64-cpu"
 )

@@ -23,7 +23,7 @@ func BenchmarkWorkload(b *testing.B) {
 		{"read", ModeRead, 0},
 	} {
 		b.Run(tt.name, func(b *testing.B) {
-			p := Params{Mode: tt.mode, RegionBase: RegionStart, RegionSize: testRegionSize,
+			p := Params{Mode: tt.mode, RegionBase: MinRegionStart, RegionSize: testRegionSize,
 				BytesPerPage: tt.bpp, RecordAddr: RecordAddr(0)}
 			m := start(b, p, 4096, 0)
 			m.waitPasses(1) // first touches of fresh memory are slow: not measured

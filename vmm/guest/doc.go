@@ -19,9 +19,9 @@
 //
 //	code, err := guest.Program(guest.Params{Mode: guest.ModeWrite,
 //		RegionBase: base, RegionSize: size, RecordAddr: guest.RecordAddr(cpu)})
-//	copy(mem[guest.CodeAddr(cpu):], code)
+//	copy(mem[guest.CodeAddr(n, cpu):], code) // n: the machine's vCPUs
 //	guest.InitRecord(mem, guest.RecordAddr(cpu), guest.TicksPerPage(rate, tscHz))
-//	kvm.SetupProtectedMode(vcpu, uint32(guest.CodeAddr(cpu)), 0)
+//	kvm.SetupProtectedMode(vcpu, uint32(guest.CodeAddr(n, cpu)), 0)
 //	... run the vCPU; guest.ReadRecord(mem, guest.RecordAddr(cpu)) at any time
 //
 // tscHz is the guest TSC frequency: kvm's VCPU.TSCKHz()*1000.

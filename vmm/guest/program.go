@@ -33,33 +33,48 @@ func modeOf(n uint32) Mode {
 const DefaultBytesPerPage = 8
 
 // Suggested guest physical layout for n vCPUs (all below 4 GiB, the limit of
-// 32-bit flat mode):
+// 32-bit flat mode), for any n a KVM host allows:
 //
-//	0x1000 + cpu*0x1000   vCPU cpu's code (one page each, up to 15 vCPUs
-//	                      before 0x10000; the programs are a few hundred bytes)
-//	0x10000 + cpu*64      vCPU cpu's record (up to 64 vCPUs in the page)
-//	1 MiB and up          the workload regions, each page aligned
+//	RecordBase + cpu*64        vCPU cpu's record (64 a page: 1024 vCPUs take
+//	                           64 KiB)
+//	CodeAddr(n, cpu)           vCPU cpu's code, CodeStride bytes each from the
+//	                           first page after the n records (the programs are
+//	                           a few hundred bytes; Program refuses a longer one)
+//	RegionStart(n) and up      the workload regions, each page aligned: 1 MiB,
+//	                           or the first page after the code where n is
+//	                           larger than about 1600
+//	up to RegionLimit          what the programs can address; guest memory
+//	                           above it is never touched
 //
 // The programs use no stack (they count pages in ESP, which they set), so a
 // vCPU's initial ESP is irrelevant.
 const (
-	CodeBase    = 0x1000
-	CodeStride  = 0x1000
-	RecordBase  = 0x10000
-	RegionStart = 0x100000
+	RecordBase     = 0x10000
+	CodeStride     = 512
+	MinRegionStart = 0x100000
+	RegionLimit    = 1<<32 - PageSize
 )
-
-// CodeAddr is the suggested entry point of vCPU cpu's program.
-func CodeAddr(cpu int) uint64 { return CodeBase + uint64(cpu)*CodeStride }
 
 // RecordAddr is the suggested address of vCPU cpu's record.
 func RecordAddr(cpu int) uint64 { return RecordBase + uint64(cpu)*RecordSize }
+
+// CodeAddr is the suggested entry point of vCPU cpu's program on a machine of
+// cpus vCPUs.
+func CodeAddr(cpus, cpu int) uint64 { return codeBase(cpus) + uint64(cpu)*CodeStride }
+
+func codeBase(cpus int) uint64 { return pageUp(RecordAddr(cpus)) }
+
+// RegionStart is where the workload regions of a machine of cpus vCPUs start:
+// page aligned, past every vCPU's code.
+func RegionStart(cpus int) uint64 { return max(MinRegionStart, pageUp(CodeAddr(cpus, cpus))) }
+
+func pageUp(a uint64) uint64 { return (a + PageSize - 1) &^ (PageSize - 1) }
 
 // Params describes one vCPU's program.
 type Params struct {
 	Mode         Mode
 	RegionBase   uint64 // page aligned; write and read only
-	RegionSize   uint64 // bytes, a positive multiple of PageSize; base+size < 4 GiB
+	RegionSize   uint64 // bytes, a positive multiple of PageSize; base+size <= RegionLimit
 	BytesPerPage int    // write only: a multiple of 4 in [4, PageSize]; 0 = DefaultBytesPerPage
 	RecordAddr   uint64 // 64-byte aligned, below 4 GiB
 }
@@ -77,8 +92,8 @@ func (p Params) validate() error {
 	if p.RegionBase%PageSize != 0 || p.RegionSize%PageSize != 0 || p.RegionSize == 0 {
 		return fmt.Errorf("guest: region [%#x, +%#x) not a non-empty page-aligned range", p.RegionBase, p.RegionSize)
 	}
-	if p.RegionBase+p.RegionSize >= 1<<32 {
-		return fmt.Errorf("guest: region [%#x, +%#x) reaches 4 GiB", p.RegionBase, p.RegionSize)
+	if p.RegionBase+p.RegionSize > RegionLimit {
+		return fmt.Errorf("guest: region [%#x, +%#x) passes %#x", p.RegionBase, p.RegionSize, uint64(RegionLimit))
 	}
 	if b := p.BytesPerPage; p.Mode == ModeWrite && b != 0 && (b < 4 || b > PageSize || b%4 != 0) {
 		return fmt.Errorf("guest: %d bytes per page is not a multiple of 4 in [4, %d]", b, PageSize)
@@ -100,7 +115,7 @@ const RecordEvery = 4096
 // workload p. The code is position independent: load it anywhere and start
 // the vCPU at its first byte (kvm.SetupProtectedMode). Its record must be
 // initialised (InitRecord) before it starts; the program adds to the counters
-// it finds there.
+// it finds there. It is at most CodeStride bytes.
 //
 // The code is lean on purpose: on hosts that emulate 32-bit guest code (PVM)
 // every instruction costs a few hundred nanoseconds and every store is a
@@ -113,7 +128,12 @@ func Program(p Params) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return a.assemble()
+	code, err := a.assemble()
+	if err == nil && len(code) > CodeStride {
+		// The layout gives each program CodeStride bytes.
+		return nil, fmt.Errorf("guest: a program of %d bytes does not fit in %d", len(code), CodeStride)
+	}
+	return code, err
 }
 
 // program assembles p's code, labels and all (the tests list it with them).

@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -200,6 +201,7 @@ func TestProgramRejects(t *testing.T) {
 		{"empty region", func(p *Params) { p.RegionSize = 0 }},
 		{"partial page", func(p *Params) { p.RegionSize = 0x1800 }},
 		{"region reaching 4 GiB", func(p *Params) { p.RegionBase, p.RegionSize = 0xfff00000, 0x100000 }},
+		{"region past RegionLimit", func(p *Params) { p.RegionBase, p.RegionSize = RegionLimit, PageSize }},
 		{"bytes per page not a multiple of 4", func(p *Params) { p.BytesPerPage = 6 }},
 		{"bytes per page past the page", func(p *Params) { p.BytesPerPage = 8192 }},
 	}
@@ -213,6 +215,10 @@ func TestProgramRejects(t *testing.T) {
 	}
 	_, err := Program(ok)
 	assert.NoError(t, err)
+	top := ok
+	top.RegionBase = RegionLimit - PageSize
+	_, err = Program(top)
+	assert.NoError(t, err, "a region ending at RegionLimit")
 }
 
 func TestTicksPerPage(t *testing.T) {
@@ -226,5 +232,38 @@ func TestTicksPerPage(t *testing.T) {
 	}
 	for _, tt := range tests {
 		assert.Equal(t, tt.want, TicksPerPage(tt.rate, tt.hz), "rate %d, hz %d", tt.rate, tt.hz)
+	}
+}
+
+// The suggested layout keeps records, code and regions apart for any vCPU count a KVM host
+// allows, with the regions at 1 MiB for up to 1024 vCPUs.
+func TestLayoutScales(t *testing.T) {
+	for _, n := range []int{1, 15, 16, 64, 256, 1024, 4096} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			recEnd := RecordAddr(n-1) + RecordSize
+			assert.Equal(t, uint64(RecordBase), RecordAddr(0))
+			assert.LessOrEqual(t, recEnd, CodeAddr(n, 0), "records run into the code")
+			assert.Zero(t, CodeAddr(n, 0)%PageSize, "code does not start on a page")
+			codeEnd := CodeAddr(n, n-1) + CodeStride
+			start := RegionStart(n)
+			assert.LessOrEqual(t, codeEnd, start, "code runs into the regions")
+			assert.Zero(t, start%PageSize)
+			assert.GreaterOrEqual(t, start, uint64(MinRegionStart))
+			assert.Less(t, start, uint64(RegionLimit))
+			if n <= 1024 {
+				assert.Equal(t, uint64(MinRegionStart), start)
+			}
+			// Every program fits its slot at the last vCPU too.
+			for _, p := range []Params{
+				{Mode: ModeWrite, BytesPerPage: PageSize},
+				{Mode: ModeRead},
+				{Mode: ModeIdle},
+			} {
+				p.RegionBase, p.RegionSize, p.RecordAddr = start, PageSize, RecordAddr(n-1)
+				code, err := Program(p)
+				require.NoError(t, err)
+				assert.LessOrEqual(t, len(code), CodeStride)
+			}
+		})
 	}
 }

@@ -83,12 +83,12 @@ func startAt(t testing.TB, p Params, ring int, ticksPerPage, pages uint64) *mach
 
 	code, err := Program(p)
 	require.NoError(t, err)
-	copy(mem[CodeAddr(0):], code)
+	copy(mem[CodeAddr(1, 0):], code)
 	InitRecord(mem, p.RecordAddr, ticksPerPage)
 	atomic.StoreUint64(word64(mem, p.RecordAddr+offPages), pages)
 	vcpu, err := vm.CreateVCPU(0)
 	require.NoError(t, err)
-	require.NoError(t, kvm.SetupProtectedMode(vcpu, uint32(CodeAddr(0)), 0))
+	require.NoError(t, kvm.SetupProtectedMode(vcpu, uint32(CodeAddr(1, 0)), 0))
 	// vCPU ioctls wait while the vCPU runs: ask before it does.
 	khz, err := vcpu.TSCKHz()
 	require.NoError(t, err)
@@ -250,20 +250,20 @@ func TestWorkloadsDirtyWhatTheyTouch(t *testing.T) {
 		p    Params
 		want map[uint64]bool
 	}{
-		{"write", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: rec},
-			union(pagesOf(RegionStart, testRegionSize), recPage)},
-		{"write 4 bytes", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize,
+		{"write", Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: testRegionSize, RecordAddr: rec},
+			union(pagesOf(MinRegionStart, testRegionSize), recPage)},
+		{"write 4 bytes", Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: testRegionSize,
 			BytesPerPage: 4, RecordAddr: rec},
-			union(pagesOf(RegionStart, testRegionSize), recPage)},
-		{"write whole pages", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: small,
+			union(pagesOf(MinRegionStart, testRegionSize), recPage)},
+		{"write whole pages", Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: small,
 			BytesPerPage: PageSize, RecordAddr: rec},
-			union(pagesOf(RegionStart, small), recPage)},
-		{"write past RecordEvery", Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: bigRegionSize,
+			union(pagesOf(MinRegionStart, small), recPage)},
+		{"write past RecordEvery", Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: bigRegionSize,
 			RecordAddr: rec},
-			union(pagesOf(RegionStart, bigRegionSize), recPage)},
-		{"read", Params{Mode: ModeRead, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: rec},
+			union(pagesOf(MinRegionStart, bigRegionSize), recPage)},
+		{"read", Params{Mode: ModeRead, RegionBase: MinRegionStart, RegionSize: testRegionSize, RecordAddr: rec},
 			recPage},
-		{"read past RecordEvery", Params{Mode: ModeRead, RegionBase: RegionStart, RegionSize: bigRegionSize,
+		{"read past RecordEvery", Params{Mode: ModeRead, RegionBase: MinRegionStart, RegionSize: bigRegionSize,
 			RecordAddr: rec},
 			recPage},
 	}
@@ -280,7 +280,7 @@ func TestWorkloadsDirtyWhatTheyTouch(t *testing.T) {
 			r := m.record()
 			assert.True(t, r.Started)
 			assert.Equal(t, tt.p.Mode, r.Mode)
-			assert.Equal(t, uint32(RegionStart), r.RegionBase)
+			assert.Equal(t, uint32(MinRegionStart), r.RegionBase)
 			assert.Equal(t, uint32(tt.p.RegionSize), r.RegionSize)
 			requireCounts(t, r, 0, tt.p.RegionSize/PageSize)
 			if tt.p.Mode == ModeWrite {
@@ -318,7 +318,7 @@ func TestIdleHalts(t *testing.T) {
 // on hosts that log every store (PVM) its ring gets a handful of entries
 // where it used to get one per page read.
 func TestReadHardlyDirties(t *testing.T) {
-	p := Params{Mode: ModeRead, RegionBase: RegionStart, RegionSize: bigRegionSize, RecordAddr: RecordAddr(0)}
+	p := Params{Mode: ModeRead, RegionBase: MinRegionStart, RegionSize: bigRegionSize, RecordAddr: RecordAddr(0)}
 	m := start(t, p, 4096, 0)
 	m.waitPasses(20)
 	require.NoError(t, m.halt())
@@ -349,7 +349,7 @@ func TestCountersCarry(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			p := Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: tt.size, RecordAddr: RecordAddr(0)}
+			p := Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: tt.size, RecordAddr: RecordAddr(0)}
 			m := startAt(t, p, 0, 0, tt.from)
 			// Stop early in the second pass, before it rewrites the
 			// pages the first wrote after its carry.
@@ -375,7 +375,7 @@ func (m *machine) rateOver(d time.Duration) float64 {
 // out, and follows changes made while it runs. The bounds are loose, and only
 // upper bounds where the host's load could make the guest slower.
 func TestPacing(t *testing.T) {
-	p := Params{Mode: ModeWrite, RegionBase: RegionStart, RegionSize: testRegionSize, RecordAddr: RecordAddr(0)}
+	p := Params{Mode: ModeWrite, RegionBase: MinRegionStart, RegionSize: testRegionSize, RecordAddr: RecordAddr(0)}
 	m := start(t, p, 0, 0)
 	hz := m.hz
 

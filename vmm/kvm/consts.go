@@ -30,6 +30,8 @@ type Cap uintptr
 
 // Capabilities migvisor asks about.
 const (
+	CapNrVCPUs            Cap = 9  // the recommended most vCPUs
+	CapMaxVCPUs           Cap = 66 // the most vCPUs a VM can have
 	CapImmediateExit      Cap = 136
 	CapDirtyLogRing       Cap = 192
 	CapDirtyLogRingAcqRel Cap = 223

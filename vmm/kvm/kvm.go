@@ -94,6 +94,18 @@ func (s *System) CheckExtension(c Cap) (int, error) {
 	return int(r), err
 }
 
+// MaxVCPUs is the most vCPUs a VM can have here: KVM_CAP_MAX_VCPUS, or where the host
+// does not say, KVM_CAP_NR_VCPUS, or else 4 (the KVM API's rule).
+func (s *System) MaxVCPUs() (int, error) {
+	for _, c := range []Cap{CapMaxVCPUs, CapNrVCPUs} {
+		n, err := s.CheckExtension(c)
+		if err != nil || n > 0 {
+			return n, err
+		}
+	}
+	return 4, nil
+}
+
 // VCPUMmapSize is the size of a vCPU's kvm_run mapping.
 func (s *System) VCPUMmapSize() int { return s.mmapSize }
 

@@ -115,6 +115,26 @@ func TestAvailable(t *testing.T) {
 	assert.Positive(t, n, "KVM_CAP_IMMEDIATE_EXIT")
 }
 
+// MaxVCPUs is at least the recommended count, and a VM takes a vCPU with the highest id a
+// machine of that many vCPUs uses.
+func TestMaxVCPUs(t *testing.T) {
+	requireKVM(t)
+	sys, err := Open()
+	require.NoError(t, err)
+	defer sys.Close()
+	max, err := sys.MaxVCPUs()
+	require.NoError(t, err)
+	rec, err := sys.CheckExtension(CapNrVCPUs)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, max, rec)
+	vm, err := sys.CreateVM()
+	require.NoError(t, err)
+	defer vm.Close()
+	c, err := vm.CreateVCPU(max - 1)
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+}
+
 func TestRunHLT(t *testing.T) {
 	vm, mem := newTestVM(t, 0)
 	c := newTestVCPU(t, vm, mem, progHLT())
