@@ -28,9 +28,12 @@ fmt-check:
 vet:
 	$(GO) vet ./...
 
-# Each fuzz target runs for a bounded time on top of its seed corpus (which `go test` always runs).
+# Each fuzz target runs for a bounded time on top of its seed corpus (which `go test` always runs):
+# the QMP server's input and the migration stream's destination (whose inputs, pages long, would
+# spend the time being minimized: 60 s each by default).
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzServerInput$$' -fuzztime $(FUZZTIME) ./qmp/
+	$(GO) test -run '^$$' -fuzz '^FuzzStreamDecoder$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1000x ./migration/
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...

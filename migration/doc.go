@@ -17,7 +17,7 @@
 // switch-over threshold (measured bandwidth × downtime-limit) the dirty log is synced again
 // (a new pass); when they still fit, the guest is stopped (finish-migrate, STOP), the state
 // goes to device, a last sync runs, and the rest goes out with the vCPU state while all
-// memory is checked against what was sent, then the digest (see the stream format).
+// memory is checked against what was sent, then the digests (see the stream format).
 // Syncing harvests the dirty log before any page it reports is read, so a page written after
 // its harvest is seen by the next sync. With pause-before-switchover the stopped source
 // enters pre-switchover and waits for migrate-continue (Continue) before device; a cancel
@@ -57,11 +57,11 @@
 // socket buffers so that neither waits for the other. `migctl bench-migrate -only idle`
 // measures it against the transport's raw rate (`-only raw`).
 //
-// # Stream format, version 1
+// # Stream format, version 2
 //
 // All integers are big-endian.
 //
-//	header   "MIGVISOR" | u32 version (1) | u32 flags (bit 0: return path; bit 1: the source guest was stopped)
+//	header   "MIGVISOR" | u32 version (2) | u32 flags (bit 0: return path; bit 1: the source guest was stopped)
 //	         | u64 memory size | u32 vCPUs | u32 page size (4096)
 //	         | u32 n | n bytes workloads description | u32 CRC32C of all the above
 //	records  any number of:
@@ -69,31 +69,42 @@
 //	             | count × page size bytes unless zero
 //	  0x02 EOS   u64 pass (the end of one iteration; the sender's dirty-sync count)
 //	  0x03 CPU   u32 n | n bytes of vCPU state (opaque to migration, versioned by the machine)
-//	  0x04 END   32 bytes digest (the last record of the stream)
+//	  0x04 END   32 bytes memory digest | 32 bytes stream digest (the last record of the stream)
 //	go-ahead 0x05, after the destination's acknowledgement (return path only)
 //	return path, destination to source, twice: after the header and after the trailer
 //	         'A' u32 0 (header accepted / stream verified and vCPU state loaded)
 //	       | 'R' u32 n, n bytes reason (refused; the destination then drops the stream)
 //
-// The digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of guest
-// memory as the source had it when it stopped. Each end keeps the checksum of every page as
-// it goes out or comes in. Pages go from guest memory to the transport uncopied: one the guest
-// changes between its checksum and its send was reported dirty and goes again, and any other
-// difference between what was summed and what arrived fails the digest. At the stop, once the
-// last sync is done, memory no longer changes: the source rereads every page the final send does not
-// carry and compares it with the checksum of what was last sent of it, beside that send (on
-// all CPUs but the sender's, and on the sender's too once the rest and the vCPU state are
-// out). A page that differs is one the guest wrote without the dirty log reporting it: the
-// migration fails, naming the first such page, and the guest resumes at the source. Once the
-// check passes the digest is that of real memory at the stop, so a destination that accepts
-// it holds every byte of it. A guest none of whose vCPUs ran since the migration's dirty log
-// opened (stopped before the migration and not resumed) cannot have changed a page, and is
-// not reread. The reread loads the cache lines of the next page before it
-// checksums one, so that a pass runs at about the speed of memory rather than of one line
-// at a time (BenchmarkMemoryDigest: about 4 times faster, some 60 ms per GiB on two idle
-// cores); BenchmarkMigrateIdle and BenchmarkMigrateMachineIdle report the downtime. The
-// receiver refuses another version, a bad header checksum, a different memory size, vCPU
-// count, page size or (when it knows its own) workloads description, records out of bounds, a
-// truncated stream, and a digest that differs from its memory's; it never runs a guest from
-// such a stream.
+// The stream digest is SHA-256 over every byte of the stream before it but page payloads:
+// the header (so the machine configuration and the flags), every record's type and fields
+// (page runs, zero flags, sections), the vCPU state and the memory digest. The destination
+// checks it as the END record arrives, before it looks at memory or loads the vCPU state, so
+// a flipped register or page-run header is refused like a flipped page.
+//
+// The memory digest is SHA-256 over the memory size (u64) and the CRC32C of every page, of
+// guest memory as the source had it when it stopped. It covers the payloads: the last copy of
+// each page is what the destination's memory ends up holding, and a copy a later one replaces
+// never reaches the guest, so every byte after the header that reaches the guest is verified.
+// Each end keeps the checksum of every page as it goes out or comes in. Pages go from guest
+// memory to the transport uncopied: one the guest changes between its checksum and its send was
+// reported dirty and goes again, and any other difference between what was summed and what
+// arrived fails the digest. At the stop, once the last sync is done, memory no longer changes:
+// the source rereads every page the final send does not carry and compares it with the checksum
+// of what was last sent of it, beside that send (on all CPUs but the sender's, and on the
+// sender's too once the rest and the vCPU state are out). A page that differs is one the guest
+// wrote without the dirty log reporting it: the migration fails, naming the first such page,
+// and the guest resumes at the source. Once the check passes the digest is that of real memory
+// at the stop, so a destination that accepts it holds every byte of it. A guest none of whose
+// vCPUs ran since the migration's dirty log opened (stopped before the migration and not
+// resumed) cannot have changed a page, and is not reread. The reread loads the cache lines of
+// the next page before it checksums one, so that a pass runs at about the speed of memory
+// rather than of one line at a time (BenchmarkMemoryDigest: about 4 times faster, some 60 ms
+// per GiB on two idle cores); BenchmarkMigrateIdle and BenchmarkMigrateMachineIdle report the
+// downtime. The receiver refuses another version (a version 1 stream, whose END had the memory
+// digest alone, is refused at the header with the reason on the return path, as a version 1
+// destination refuses version 2: both ends must run the same version), a bad header checksum, a
+// different memory size, vCPU count, page size or (when it knows its own) workloads
+// description, records out of bounds, a truncated stream, a stream digest that differs from its
+// records' and a memory digest that differs from its memory's; it never runs a guest from such
+// a stream, and the source, refused, resumes its own.
 package migration

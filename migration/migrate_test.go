@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -378,42 +379,6 @@ func TestFaults(t *testing.T) {
 		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
 		requireSourceIntact(t, src, StatusFailed, true)
 	})
-	t.Run("corrupt page", func(t *testing.T) {
-		src, dst := newSource(t, 64, 1, false), newDest(t, 64, 1)
-		enableEvents(t, dst)
-		fill(src.m.mem)
-		dpath := sockPath(t)
-		require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("unix:" + dpath)}))
-		// A proxy that flips one byte of the first page payload.
-		uri := rawDest(t, func(c net.Conn) {
-			d, err := net.Dial("unix", dpath)
-			if err != nil {
-				c.Close()
-				return
-			}
-			go io.Copy(c, d)
-			hdr := make([]byte, headerFixedLen+len("idle")+4)
-			io.ReadFull(c, hdr)
-			d.Write(hdr)
-			b := make([]byte, 14+200)
-			io.ReadFull(c, b)
-			b[len(b)-1] ^= 0xff
-			d.Write(b)
-			io.Copy(d, c)
-			d.Close()
-		})
-		require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
-		wait(t, dst.mig.IncomingDone())
-		q := query(t, dst.mig)
-		require.Equal(t, "failed", q["status"])
-		require.Contains(t, q["error-desc"], "memory digest mismatch")
-		require.Equal(t, RunInmigrate, dst.m.RunState(), "never runs a half-received guest")
-		require.Zero(t, dst.m.resumes)
-		require.Equal(t, []string{"MIGRATION setup", "MIGRATION active", "MIGRATION failed"}, dst.m.events.list())
-		wait(t, src.mig.Done())
-		require.Contains(t, query(t, src.mig)["error-desc"], "the destination refused the migration: memory digest mismatch")
-		requireSourceIntact(t, src, StatusFailed, true)
-	})
 	// libvirt sets return-path on both ends so that the source learns of a failure at the
 	// destination; on sockets migvisor always has that, whatever the capability says.
 	for _, rp := range []bool{true, false} {
@@ -568,6 +533,137 @@ func TestFaults(t *testing.T) {
 		require.Equal(t, src.m.mem, dst.m.mem)
 		require.Equal(t, RunRunning, dst.m.RunState())
 	})
+}
+
+// corruptingProxy forwards a stream to the destination at dpath, decoding it as it goes, and
+// lets corrupt change the bytes of one record: it is called with each record (and its raw
+// bytes, to edit in place) until it returns true. The return path is forwarded untouched.
+func corruptingProxy(t *testing.T, dpath string, corrupt func(r Record, b []byte) bool) string {
+	return rawDest(t, func(c net.Conn) {
+		defer c.Close()
+		d, err := net.Dial("unix", dpath)
+		if err != nil {
+			return
+		}
+		defer d.Close()
+		go io.Copy(c, d)
+		var seen bytes.Buffer // what the decoder read from the source, at offsets dec.n counts
+		dec := NewDecoder(io.TeeReader(c, &seen))
+		sent := 0
+		forward := func() error {
+			_, err := d.Write(seen.Bytes()[sent:dec.n])
+			sent = int(dec.n)
+			return err
+		}
+		h, err := dec.ReadHeader()
+		if err != nil || forward() != nil {
+			return
+		}
+		mem := make([]byte, h.Config.MemSize)
+		done := false
+		for {
+			start := int(dec.n)
+			r, err := dec.Next(mem)
+			if err != nil {
+				return
+			}
+			if !done {
+				done = corrupt(r, seen.Bytes()[start:dec.n])
+			}
+			if forward() != nil {
+				return
+			}
+			if r.Kind == KindTrailer {
+				io.Copy(d, dec.r) // the go-ahead, if the destination accepted
+				return
+			}
+		}
+	})
+}
+
+// A bit flipped in any kind of record on the way is refused by the destination, which never
+// loads the vCPU state nor runs the guest, and the source resumes its guest.
+func TestCorruptStreamRefused(t *testing.T) {
+	// Byte offsets in a RAM record: tag, flags, first page (u64), count (u32).
+	const ramFirstLow = 9
+	for _, tc := range []struct {
+		name    string
+		corrupt func(r Record, b []byte) bool
+		want    error
+	}{
+		{"RAM header", func(r Record, b []byte) bool {
+			// The run moves one page down, inside memory: only a digest can tell.
+			if r.Kind != KindPages || r.First%2 == 0 {
+				return false
+			}
+			b[ramFirstLow] ^= 1
+			return true
+		}, ErrStreamDigestMismatch},
+		{"RAM payload", func(r Record, b []byte) bool {
+			if r.Kind != KindPages {
+				return false
+			}
+			b[ramHeaderLen+200] ^= 0x10
+			return true
+		}, ErrDigestMismatch},
+		{"EOS", func(r Record, b []byte) bool {
+			if r.Kind != KindEndOfSection {
+				return false
+			}
+			b[len(b)-1] ^= 1
+			return true
+		}, ErrStreamDigestMismatch},
+		{"CPU", func(r Record, b []byte) bool {
+			if r.Kind != KindCPU {
+				return false
+			}
+			b[len(b)-1] ^= 1
+			return true
+		}, ErrStreamDigestMismatch},
+		{"END memory digest", func(r Record, b []byte) bool {
+			if r.Kind != KindTrailer {
+				return false
+			}
+			b[1] ^= 1
+			return true
+		}, ErrStreamDigestMismatch},
+		{"END stream digest", func(r Record, b []byte) bool {
+			if r.Kind != KindTrailer {
+				return false
+			}
+			b[len(b)-1] ^= 0x80
+			return true
+		}, ErrStreamDigestMismatch},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src, dst := newSource(t, 64, 1, false), newDest(t, 64, 1)
+			enableEvents(t, dst)
+			fill(src.m.mem)
+			dpath := sockPath(t)
+			require.NoError(t, dst.mig.MigrateIncoming(IncomingArgs{URI: str("unix:" + dpath)}))
+			var corrupted atomic.Bool
+			uri := corruptingProxy(t, dpath, func(r Record, b []byte) bool {
+				ok := tc.corrupt(r, b)
+				if ok {
+					corrupted.Store(true)
+				}
+				return ok
+			})
+			require.NoError(t, src.mig.Migrate(MigrateArgs{URI: &uri}))
+			wait(t, dst.mig.IncomingDone())
+			require.True(t, corrupted.Load(), "the stream had no such record")
+			q := query(t, dst.mig)
+			require.Equal(t, "failed", q["status"])
+			require.Equal(t, tc.want.Error(), q["error-desc"])
+			require.Equal(t, RunInmigrate, dst.m.RunState(), "never runs a half-received guest")
+			require.Zero(t, dst.m.resumes)
+			require.Nil(t, dst.m.loaded, "the vCPU state of a refused stream is not loaded")
+			require.Equal(t, []string{"MIGRATION setup", "MIGRATION active", "MIGRATION failed"}, dst.m.events.list())
+			wait(t, src.mig.Done())
+			require.Equal(t, "the destination refused the migration: "+tc.want.Error(), query(t, src.mig)["error-desc"])
+			requireSourceIntact(t, src, StatusFailed, true)
+		})
+	}
 }
 
 func TestExitOnErrorCallsIncomingFailed(t *testing.T) {

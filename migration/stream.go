@@ -6,22 +6,28 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"hash/crc32"
 	"io"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 )
 
 // Stream constants; doc.go describes the layout.
 const (
-	StreamVersion = 1
+	StreamVersion = 2
 	PageSize      = 4096
 
 	headerFixedLen = 8 + 4 + 4 + 8 + 4 + 4 + 4 // magic .. workloads length
+	ramHeaderLen   = 1 + 1 + 8 + 4             // a RAM record before its payload
 	maxWorkloads   = 1 << 20
 	maxCPUState    = 64 << 20
 	maxRunPages    = 1 << 16
+	// readChunk is the most a length field makes the decoder allocate before the bytes it
+	// announces arrive; past it, the buffer grows with what was received.
+	readChunk = 64 << 10
 
 	recRAM   = 0x01
 	recEOS   = 0x02
@@ -63,7 +69,7 @@ type Header struct {
 	Config  MachineConfig
 }
 
-// Digest identifies the contents of all guest memory.
+// Digest is a SHA-256: of all guest memory (MemoryDigest), or of the stream's records.
 type Digest [32]byte
 
 // RecordKind tells what Decoder.Next returned.
@@ -85,10 +91,11 @@ type Record struct {
 	Count  uint32 // number of pages
 	Pass   uint64 // end of section: the sender's dirty-sync count
 	CPU    []byte
-	Digest Digest
+	Digest Digest // trailer: the memory digest (the stream digest is checked by Next)
 }
 
-// Encoder writes a stream. It counts every byte it accepts, for statistics and rate limiting.
+// Encoder writes a stream. It counts every byte it accepts, for statistics and rate limiting,
+// and digests every byte but page payloads for the trailer's stream digest.
 // Small records gather in a buffer. A page payload is not copied: the encoder queues a
 // reference to it, with the records buffered before it, for its writer goroutine, which sends
 // both in one writev when the transport is a socket while the caller prepares the next run.
@@ -101,6 +108,7 @@ type Encoder struct {
 	buf  []byte
 	n    int64
 	hdr  [32]byte
+	sum  hash.Hash // the stream digest so far
 
 	queue  chan encChunk
 	spare  chan []byte // buffers the writer is done with
@@ -132,7 +140,7 @@ const (
 // crypto/tls.Conn has) gets records and payload in one system call.
 func NewEncoder(w io.Writer) *Encoder {
 	e := &Encoder{w: w, buf: make([]byte, 0, encBufSize), queue: make(chan encChunk, encQueue),
-		spare: make(chan []byte, encQueue+1)}
+		spare: make(chan []byte, encQueue+1), sum: sha256.New()}
 	if nc, ok := w.(interface{ NetConn() net.Conn }); ok {
 		e.conn = nc.NetConn()
 	}
@@ -253,9 +261,14 @@ func (e *Encoder) Close() {
 
 func (e *Encoder) write(b []byte) error { return e.writeFrom(b, false) }
 
+// writeFrom accepts b; guest marks a page payload, which the memory digest covers instead
+// of the stream digest.
 func (e *Encoder) writeFrom(b []byte, guest bool) error {
 	if err := e.err(); err != nil {
 		return err
+	}
+	if !guest {
+		e.sum.Write(b)
 	}
 	if len(b) >= directMin {
 		if err := e.enqueue(b, guest); err != nil {
@@ -296,7 +309,7 @@ func (e *Encoder) ramHeader(flags byte, first uint64, count int) error {
 	if count <= 0 || count > maxRunPages {
 		return fmt.Errorf("bad run length %d", count)
 	}
-	h := e.hdr[:14]
+	h := e.hdr[:ramHeaderLen]
 	h[0] = recRAM
 	h[1] = flags
 	binary.BigEndian.PutUint64(h[2:], first)
@@ -342,13 +355,17 @@ func (e *Encoder) WriteCPU(state []byte) error {
 	return e.write(state)
 }
 
-// WriteTrailer ends the stream with the digest of guest memory as the source stopped it.
+// WriteTrailer ends the stream with the digest of guest memory as the source stopped it,
+// then the stream digest of everything before it but page payloads.
 func (e *Encoder) WriteTrailer(d Digest) error {
 	e.hdr[0] = recTrail
 	if err := e.write(e.hdr[:1]); err != nil {
 		return err
 	}
-	return e.write(d[:])
+	if err := e.write(d[:]); err != nil {
+		return err
+	}
+	return e.write(e.sum.Sum(nil))
 }
 
 // WriteGo is the source's go-ahead after the destination acknowledged (return path only).
@@ -368,6 +385,10 @@ func streamErr(format string, args ...any) error {
 	return &StreamError{Msg: fmt.Sprintf(format, args...)}
 }
 
+// ErrStreamDigestMismatch is the refusal of a stream whose records (header, page records
+// but their payloads, sections, vCPU state, memory digest) differ from what the source sent.
+var ErrStreamDigestMismatch = errors.New("stream digest mismatch: the machine configuration, page records or vCPU state received differ from the source's")
+
 // Decoder reads a stream.
 type Decoder struct {
 	r      *bufio.Reader
@@ -376,17 +397,28 @@ type Decoder struct {
 	buf    [16]byte
 	cpu    []byte
 	n      int64
+	sum    hash.Hash // the stream digest of what was read so far
 }
 
 // NewDecoder buffers reads from r. The buffer is small: bufio reads a request at least its
 // size straight into the caller's slice, so page payloads land in guest memory uncopied.
 func NewDecoder(r io.Reader) *Decoder {
-	return &Decoder{r: bufio.NewReaderSize(r, decBufSize)}
+	return &Decoder{r: bufio.NewReaderSize(r, decBufSize), sum: sha256.New()}
 }
 
 const decBufSize = 8 << 10
 
+// full reads len(b) bytes into the stream digest.
 func (d *Decoder) full(b []byte) error {
+	if err := d.payload(b); err != nil {
+		return err
+	}
+	d.sum.Write(b)
+	return nil
+}
+
+// payload reads len(b) bytes of page payload, which the memory digest covers.
+func (d *Decoder) payload(b []byte) error {
 	n, err := io.ReadFull(d.r, b)
 	d.n += int64(n)
 	if err != nil {
@@ -396,6 +428,21 @@ func (d *Decoder) full(b []byte) error {
 		return err
 	}
 	return nil
+}
+
+// sized reads n bytes into buf's array (or a new one), growing it only as the bytes arrive,
+// so that a length the peer announces but does not send costs no memory.
+func (d *Decoder) sized(buf []byte, n int) ([]byte, error) {
+	buf = buf[:0]
+	for len(buf) < n {
+		k := min(n-len(buf), max(len(buf), readChunk))
+		buf = slices.Grow(buf, k)
+		if err := d.full(buf[len(buf) : len(buf)+k]); err != nil {
+			return nil, err
+		}
+		buf = buf[:len(buf)+k]
+	}
+	return buf, nil
 }
 
 // ReadHeader reads and checks the header: magic, CRC and version. The configuration is
@@ -428,15 +475,18 @@ func (d *Decoder) ReadHeader() (Header, error) {
 	if wl > maxWorkloads {
 		return Header{}, streamErr("workloads description too large (%d bytes)", wl)
 	}
-	rest := make([]byte, int(wl)+4)
-	if err := d.full(rest); err != nil {
+	workloads, err := d.sized(nil, int(wl))
+	if err != nil {
 		return Header{}, err
 	}
-	crc := crc32.Update(crc32.Checksum(b, castagnoli), castagnoli, rest[:wl])
-	if crc != binary.BigEndian.Uint32(rest[wl:]) {
+	crc := d.buf[:4]
+	if err := d.full(crc); err != nil {
+		return Header{}, err
+	}
+	if crc32.Update(crc32.Checksum(b, castagnoli), castagnoli, workloads) != binary.BigEndian.Uint32(crc) {
 		return Header{}, streamErr("header checksum mismatch")
 	}
-	h.Config.Workloads = rest[:wl:wl]
+	h.Config.Workloads = workloads[:wl:wl]
 	if h.Config.PageSize != PageSize {
 		return Header{}, streamErr("page size %d is not supported (expected %d)", h.Config.PageSize, PageSize)
 	}
@@ -477,7 +527,7 @@ func (d *Decoder) Next(mem []byte) (Record, error) {
 	}
 	switch tag[0] {
 	case recRAM:
-		h := d.buf[:13]
+		h := d.buf[:ramHeaderLen-1]
 		if err := d.full(h); err != nil {
 			return Record{}, err
 		}
@@ -497,7 +547,7 @@ func (d *Decoder) Next(mem []byte) (Record, error) {
 			return Record{Kind: KindZeroPages, First: first, Count: count}, nil
 		}
 		span := mem[first*PageSize : (first+uint64(count))*PageSize]
-		if err := d.full(span); err != nil {
+		if err := d.payload(span); err != nil {
 			return Record{}, err
 		}
 		return Record{Kind: KindPages, First: first, Count: count}, nil
@@ -516,19 +566,24 @@ func (d *Decoder) Next(mem []byte) (Record, error) {
 		if n > maxCPUState {
 			return Record{}, streamErr("vCPU state too large (%d bytes)", n)
 		}
-		if cap(d.cpu) < int(n) {
-			d.cpu = make([]byte, n)
-		}
-		d.cpu = d.cpu[:n]
-		if err := d.full(d.cpu); err != nil {
+		cpu, err := d.sized(d.cpu, int(n))
+		if err != nil {
 			return Record{}, err
 		}
-		return Record{Kind: KindCPU, CPU: d.cpu}, nil
+		d.cpu = cpu
+		return Record{Kind: KindCPU, CPU: cpu}, nil
 	case recTrail:
-		var r Record
-		r.Kind = KindTrailer
+		r := Record{Kind: KindTrailer}
 		if err := d.full(r.Digest[:]); err != nil {
 			return Record{}, err
+		}
+		var want, got Digest
+		d.sum.Sum(want[:0])
+		if err := d.full(got[:]); err != nil {
+			return Record{}, err
+		}
+		if got != want {
+			return Record{}, ErrStreamDigestMismatch
 		}
 		return r, nil
 	default:

@@ -2,10 +2,12 @@ package migration
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
 	"path/filepath"
+	"runtime"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -94,8 +96,8 @@ func TestStreamHeaderRefusals(t *testing.T) {
 		require.NoError(t, e.Flush())
 		return b.Bytes()
 	}
-	v2 := good
-	v2.Version = 2
+	v1 := good
+	v1.Version = 1 // before the stream digest
 	ps := good
 	ps.Config.PageSize = 8192
 	badCRC := enc(good)
@@ -106,7 +108,7 @@ func TestStreamHeaderRefusals(t *testing.T) {
 		name, want string
 		in         []byte
 	}{
-		{"version", "stream version 2 is not supported (this migvisor reads version 1)", enc(v2)},
+		{"version 1", "stream version 1 is not supported (this migvisor reads version 2)", enc(v1)},
 		{"page size", "page size 8192 is not supported", enc(ps)},
 		{"checksum", "header checksum mismatch", badCRC},
 		{"magic", "not a migvisor migration stream", badMagic},
@@ -148,28 +150,156 @@ func TestCheckConfig(t *testing.T) {
 	}
 }
 
+// part is where one part of a stream lies: its header or (part of) a record.
+type part struct {
+	name       string
+	start, end int
+}
+
+// Names of the parts of a stream: a page record is its header and its payload.
+const (
+	partHeader     = "header"
+	partRAMHeader  = "RAM header"
+	partRAMPayload = "RAM payload"
+	partZeroRun    = "zero run"
+	partEOS        = "EOS"
+	partCPU        = "CPU"
+	partEND        = "END"
+)
+
+// streamParts decodes a good stream and says where each of its parts lies.
+func streamParts(t testing.TB, stream []byte) []part {
+	d := NewDecoder(bytes.NewReader(stream))
+	h, err := d.ReadHeader()
+	require.NoError(t, err)
+	parts := []part{{partHeader, 0, int(d.n)}}
+	mem := make([]byte, h.Config.MemSize)
+	for {
+		start := int(d.n)
+		r, err := d.Next(mem)
+		require.NoError(t, err)
+		end := int(d.n)
+		switch r.Kind {
+		case KindPages:
+			parts = append(parts, part{partRAMHeader, start, start + ramHeaderLen}, part{partRAMPayload, start + ramHeaderLen, end})
+		case KindZeroPages:
+			parts = append(parts, part{partZeroRun, start, end})
+		case KindEndOfSection:
+			parts = append(parts, part{partEOS, start, end})
+		case KindCPU:
+			parts = append(parts, part{partCPU, start, end})
+		case KindTrailer:
+			return append(parts, part{partEND, start, end})
+		}
+	}
+}
+
+// firstPart is the first part of a stream named name.
+func firstPart(t testing.TB, parts []part, name string) part {
+	for _, p := range parts {
+		if p.name == name {
+			return p
+		}
+	}
+	t.Fatalf("no %s in the stream", name)
+	return part{}
+}
+
+// Each record's fields are checked where they can be, and whatever a corruption leaves
+// parseable is refused by a digest.
 func TestStreamCorruptRecords(t *testing.T) {
 	stream, _ := sampleStream(t)
-	hdrLen := headerFixedLen + 1 + 4
+	parts := streamParts(t, stream)
+	ram, payload := firstPart(t, parts, partRAMHeader), firstPart(t, parts, partRAMPayload)
+	cpu, eos, end := firstPart(t, parts, partCPU), firstPart(t, parts, partEOS), firstPart(t, parts, partEND)
+	// Byte offsets in a RAM record: tag, flags, first page (u64), count (u32).
+	const ramFlags, ramFirstLow, ramCount = 1, 9, 10
 	for _, tc := range []struct {
 		name string
 		edit func([]byte) []byte
-		want string
+		want error // nil: a *StreamError containing msg
+		msg  string
 	}{
-		{"unknown record", func(b []byte) []byte { b[hdrLen] = 0x7f; return b }, "unknown record type 0x7f"},
-		{"unknown page flag", func(b []byte) []byte { b[hdrLen+1] = 0x80; return b }, "unknown page flags"},
-		{"run past memory", func(b []byte) []byte { b[hdrLen+9] = 0xff; return b }, "outside memory"},
-		{"empty run", func(b []byte) []byte { copy(b[hdrLen+10:], []byte{0, 0, 0, 0}); return b }, "outside memory"},
-		{"page payload", func(b []byte) []byte { b[hdrLen+14+100] ^= 0xff; return b }, ErrDigestMismatch.Error()},
-		{"truncated in a page", func(b []byte) []byte { return b[:hdrLen+14+5000] }, "truncated"},
-		{"truncated before the trailer", func(b []byte) []byte { return b[:len(b)-33] }, "truncated"},
-		{"truncated digest", func(b []byte) []byte { return b[:len(b)-1] }, "truncated"},
+		{"unknown record", func(b []byte) []byte { b[ram.start] = 0x7f; return b }, nil, "unknown record type 0x7f"},
+		{"unknown page flag", func(b []byte) []byte { b[ram.start+ramFlags] = 0x80; return b }, nil, "unknown page flags"},
+		{"run past memory", func(b []byte) []byte { b[ram.start+ramFirstLow] = 0xff; return b }, nil, "outside memory"},
+		{"empty run", func(b []byte) []byte { copy(b[ram.start+ramCount:], []byte{0, 0, 0, 0}); return b }, nil, "outside memory"},
+		{"run moved", func(b []byte) []byte { b[ram.start+ramFirstLow] ^= 1; return b }, ErrStreamDigestMismatch, ""},
+		{"page payload", func(b []byte) []byte { b[payload.start+100] ^= 0xff; return b }, ErrDigestMismatch, ""},
+		{"section", func(b []byte) []byte { b[eos.end-1] ^= 1; return b }, ErrStreamDigestMismatch, ""},
+		{"vCPU state", func(b []byte) []byte { b[cpu.end-1] ^= 1; return b }, ErrStreamDigestMismatch, ""},
+		{"memory digest", func(b []byte) []byte { b[end.start+1] ^= 1; return b }, ErrStreamDigestMismatch, ""},
+		{"stream digest", func(b []byte) []byte { b[end.end-1] ^= 1; return b }, ErrStreamDigestMismatch, ""},
+		{"truncated in a page", func(b []byte) []byte { return b[:payload.start+5000] }, nil, "truncated"},
+		{"truncated before the trailer", func(b []byte) []byte { return b[:end.start] }, nil, "truncated"},
+		{"truncated digest", func(b []byte) []byte { return b[:len(b)-1] }, nil, "truncated"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := decodeAll(tc.edit(bytes.Clone(stream)))
-			require.ErrorContains(t, err, tc.want)
+			if tc.want != nil {
+				require.ErrorIs(t, err, tc.want)
+				return
+			}
+			var se *StreamError
+			require.ErrorAs(t, err, &se)
+			require.ErrorContains(t, err, tc.msg)
 		})
 	}
+}
+
+// No bit of the stream can be flipped unnoticed: every flip in every part is refused, by the
+// header's checksum, a record's bounds, the stream digest or the memory digest.
+func TestStreamEveryFlipRefused(t *testing.T) {
+	stream, _ := sampleStream(t)
+	parts := streamParts(t, stream)
+	for _, name := range []string{partHeader, partRAMHeader, partRAMPayload, partZeroRun, partEOS, partCPU, partEND} {
+		t.Run(name, func(t *testing.T) {
+			n := 0
+			for _, p := range parts {
+				if p.name != name {
+					continue
+				}
+				for off := p.start; off < p.end; off++ {
+					for bit := range 8 {
+						if name == partRAMPayload && bit != off%8 {
+							continue // one bit a byte: the payload is most of the stream
+						}
+						b := bytes.Clone(stream)
+						b[off] ^= 1 << bit
+						_, _, err := decodeAll(b)
+						var se *StreamError
+						if !errors.As(err, &se) && !errors.Is(err, ErrStreamDigestMismatch) && !errors.Is(err, ErrDigestMismatch) {
+							t.Fatalf("bit %d of byte %d (%s at %d..%d) flipped: %v", bit, off, name, p.start, p.end, err)
+						}
+						n++
+					}
+				}
+			}
+			require.NotZero(t, n, "the sample has a %s", name)
+		})
+	}
+}
+
+// A length field costs memory only as the bytes it announces arrive: a peer that announces
+// the largest vCPU state and sends ten bytes of it does not make the decoder allocate it.
+func TestDecoderAllocatesWhatArrives(t *testing.T) {
+	var b bytes.Buffer
+	e := NewEncoder(&b)
+	defer e.Close()
+	require.NoError(t, e.WriteHeader(Header{Version: StreamVersion, Config: MachineConfig{MemSize: PageSize, CPUs: 1, PageSize: PageSize}}))
+	require.NoError(t, e.Flush())
+	stream := append(b.Bytes(), recCPU, 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(stream[len(stream)-4:], maxCPUState)
+	stream = append(stream, make([]byte, 10)...)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	d := NewDecoder(bytes.NewReader(stream))
+	_, err := d.ReadHeader()
+	require.NoError(t, err)
+	_, err = d.Next(make([]byte, PageSize))
+	runtime.ReadMemStats(&after)
+	require.ErrorContains(t, err, "truncated")
+	require.Less(t, after.TotalAlloc-before.TotalAlloc, uint64(maxCPUState/8))
 }
 
 func TestReturnPath(t *testing.T) {
@@ -202,19 +332,37 @@ func TestMemoryDigest(t *testing.T) {
 	require.NotEqual(t, d0, MemoryDigest(mem[:len(mem)-PageSize]), "size is part of the digest")
 }
 
-func FuzzDecoder(f *testing.F) {
-	stream, _ := sampleStream(f)
+// readerIn is an incoming stream without a return path (a file).
+type readerIn struct{ io.Reader }
+
+func (readerIn) replyTo() io.Writer { return nil }
+func (readerIn) Close() error       { return nil }
+
+// FuzzStreamDecoder feeds the destination's loader (decoder, digests, vCPU state) streams
+// from the network: it must refuse or load without panicking, and a stream it accepts must
+// leave the machine with the source's memory and vCPU state. The seeds are the sample
+// stream truncated in and flipped at the start, middle and end of each of its parts.
+func FuzzStreamDecoder(f *testing.F) {
+	stream, mem := sampleStream(f)
 	f.Add(stream)
-	f.Add(stream[:40])
+	for _, p := range streamParts(f, stream) {
+		for _, off := range []int{p.start, (p.start + p.end) / 2, p.end - 1} {
+			f.Add(bytes.Clone(stream[:off]))
+			b := bytes.Clone(stream)
+			b[off] ^= 1 << (off % 8)
+			f.Add(b)
+		}
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		mem, recs, err := decodeAll(b)
-		if err != nil {
+		fm := newFakeMachine(len(mem)/PageSize, 2)
+		fm.state = RunInmigrate
+		d := &incomingRun{m: New(Config{Machine: fm, Incoming: true, Workloads: []byte("w")})}
+		var returnPath bool
+		if err := d.load(readerIn{bytes.NewReader(b)}, false, &returnPath); err != nil {
 			return
 		}
-		// A stream that decodes whole ends with a trailer whose digest matches memory.
-		require.NotEmpty(t, recs)
-		require.Equal(t, KindTrailer, recs[len(recs)-1].Kind)
-		require.Equal(t, recs[len(recs)-1].Digest, MemoryDigest(mem))
+		require.Equal(t, mem, fm.mem)
+		require.Equal(t, "cpu-state", string(fm.loaded))
 	})
 }
 

@@ -209,10 +209,15 @@ func TestInconsistentRingFailsSafe(t *testing.T) {
 		Logf:      func(f string, a ...any) { mu.Lock(); lines = append(lines, fmt.Sprintf(f, a...)); mu.Unlock() }})
 	log := m.NewDirtyLog()
 	defer log.Close()
+	// The overrun is planted, harvested once and taken back under the reaper's lock: the
+	// reaper's own threads harvest whenever they like while the machine is not running, and
+	// one that saw the planted counters would fail safe a second time.
 	overrun := func(cpu int) {
 		r := m.be.(*softBackend).cpus[cpu].ring
+		m.rp.mu.Lock()
+		defer m.rp.mu.Unlock()
 		r.dirty.Store(r.resetAt.Load() + 1025) // more entries than the ring has
-		m.Harvest()
+		m.rp.harvestLocked(m.cpus[cpu], true)
 		r.dirty.Store(r.resetAt.Load())
 	}
 	record := func(cpu int) uint64 { return m.lay.records[cpu] / PageSize }
