@@ -1,13 +1,18 @@
 package dirtylimit_test
 
 import (
+	"encoding/binary"
+	"fmt"
+	"math"
 	"runtime"
+	"sort"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/migvisor/migvisor/dirtylimit"
+	"github.com/migvisor/migvisor/qerr"
 	"github.com/migvisor/migvisor/vmm"
 	"github.com/migvisor/migvisor/vmm/kvm"
 )
@@ -73,4 +78,110 @@ func rates(m *vmm.Machine, d time.Duration) []float64 {
 		float64(m.DirtyPages(0)-start[0]) / 256 / s,
 		float64(m.DirtyPages(1)-start[1]) / 256 / s,
 	}
+}
+
+// calc-dirty-rate on real machines, with and without a ring: each mode QEMU allows there
+// measures close to the writer's real rate, and the other is refused with QEMU's error. The
+// writer sweeps a region larger than it covers in one measurement, so the distinct pages that
+// page-sampling and dirty-bitmap count and the ring entries dirty-ring counts are all its page
+// rate. The truth is what the writer wrote during each measurement, read from its region.
+func TestMeterOnRealMachine(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs machines for seconds")
+	}
+	accels := []string{vmm.AccelSoft}
+	if err := kvm.Available(); err == nil {
+		accels = append(accels, vmm.AccelKVM)
+	} else {
+		t.Logf("no KVM (%v): the soft backend only", err)
+	}
+	const (
+		region = 32 << 20
+		rate   = 64 << 20 // bytes/s: a pass every 500 ms
+		calcMS = 250      // 16 MiB of the region's 32 per measurement: page-sampling sees 256 dirty samples
+	)
+	maxSamples := int64(16384) // page-sampling's best precision: 1024 samples of 64 MiB
+	for _, accel := range accels {
+		for _, ring := range []int{4096, 0} {
+			t.Run(fmt.Sprintf("%s/ring=%d", accel, ring), func(t *testing.T) {
+				m, err := vmm.New(vmm.Config{MemSize: 64 << 20, CPUs: 2, Accel: accel, DirtyRingSize: ring,
+					Workloads: []vmm.Workload{{Mode: vmm.ModeWrite, Size: region, Rate: rate}}, Initial: vmm.Running, Logf: t.Logf})
+				require.NoError(t, err)
+				defer m.Close()
+				mt := dirtylimit.NewMeter(m, dirtylimit.Options{NewDirtyLog: func() dirtylimit.DirtyLog { return m.NewDirtyLog() }})
+				defer mt.Close()
+
+				allowed, refused := dirtylimit.DirtyRing, dirtylimit.DirtyBitmap
+				if ring == 0 {
+					allowed, refused = refused, allowed
+				}
+				err = mt.Calc(dirtylimit.CalcArgs{CalcTime: calcMS, Unit: dirtylimit.Millisecond, Mode: refused})
+				var qe *qerr.Error
+				require.ErrorAs(t, err, &qe)
+				require.Equal(t, fmt.Sprintf("mode %s is not enabled, use other method instead.", refused), qe.Desc)
+
+				passEnd(t, m) // the first pass also faults the region in on KVM's side
+				got := map[dirtylimit.Mode]dirtylimit.RateInfo{}
+				truth := map[dirtylimit.Mode]float64{}
+				for _, a := range []dirtylimit.CalcArgs{
+					{CalcTime: calcMS, Unit: dirtylimit.Millisecond, Mode: dirtylimit.PageSampling, SamplePages: &maxSamples},
+					{CalcTime: calcMS, Unit: dirtylimit.Millisecond, Mode: allowed},
+				} {
+					t0, p0 := time.Now(), written(m)
+					require.NoError(t, mt.Calc(a))
+					for mt.Query("").Status != dirtylimit.Measured {
+						time.Sleep(time.Millisecond)
+					}
+					truth[a.Mode] = float64(written(m)-p0) / 256 / time.Since(t0).Seconds()
+					got[a.Mode] = mt.Query("")
+				}
+				t.Logf("page-sampling %d MiB/s (writer %.1f), %s %d MiB/s (writer %.1f)",
+					*got[dirtylimit.PageSampling].DirtyRate, truth[dirtylimit.PageSampling], allowed, *got[allowed].DirtyRate, truth[allowed])
+				for mode, info := range got {
+					tol := 0.2
+					if mode == dirtylimit.PageSampling {
+						// Binomial noise: 4 sigma of the dirty samples it can expect (16 a MiB).
+						tol = max(0.35, 4/math.Sqrt(truth[mode]*calcMS/1000*16))
+					}
+					require.InEpsilon(t, truth[mode], float64(*info.DirtyRate), tol, "%s against the writer's real rate", mode)
+				}
+				if ring != 0 {
+					v := got[dirtylimit.DirtyRing].VcpuDirtyRate
+					require.Len(t, v, 2)
+					require.InEpsilon(t, truth[allowed], float64(v[0].DirtyRate), 0.2, "the writer's own rate")
+					require.Zero(t, v[1].DirtyRate, "the idle vCPU dirties nothing")
+				} else {
+					require.Nil(t, got[dirtylimit.DirtyBitmap].VcpuDirtyRate, "without a ring there are no per-vCPU rates")
+					require.Zero(t, m.DirtyPages(0), "nor per-vCPU counters")
+				}
+			})
+		}
+	}
+}
+
+// written is how many pages vCPU 0's write workload has written so far, exactly, from what it
+// left in its region: in pass k it stores k+1 in every dword, sweeping up from the region's start,
+// so page 0 tells the pass and the first page still holding the value before it the position.
+func written(m *vmm.Machine) uint64 {
+	w := m.WorkloadStats()[0]
+	mem := m.Memory()[w.RegionStart : w.RegionStart+w.RegionSize]
+	n := uint64(len(mem)) / vmm.PageSize
+	at := func(p uint64) uint32 { return binary.LittleEndian.Uint32(mem[p*vmm.PageSize:]) }
+	v := at(0)
+	pos := uint64(sort.Search(int(n), func(p int) bool { return at(uint64(p)) != v }))
+	return uint64(v-1)*n + pos
+}
+
+// passEnd waits for vCPU 0's workload to finish a pass and returns when it saw it and the passes
+// done: the record's page count is exact there.
+func passEnd(t *testing.T, m *vmm.Machine) (time.Time, uint64) {
+	t.Helper()
+	start := m.WorkloadStats()[0].Passes
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if p := m.WorkloadStats()[0].Passes; p != start {
+			return time.Now(), p
+		}
+	}
+	t.Fatal("the writer finished no pass in a minute")
+	return time.Time{}, 0
 }

@@ -174,7 +174,6 @@ func (mt *Meter) measure(mode Mode, ms int64, samples uint64) {
 	defer mt.wg.Done()
 	var (
 		elapsed int64
-		ok      bool
 		rate    int64 = -1
 		vcpus   []VcpuRate
 	)
@@ -182,14 +181,16 @@ func (mt *Meter) measure(mode Mode, ms int64, samples uint64) {
 	case DirtyRing:
 		n := mt.m.NumCPUs()
 		start := make([]uint64, n)
+		mt.m.Harvest() // count from here: what the rings still hold was dirtied before
 		t0 := mt.clk.Now()
 		for i := range start {
 			start[i] = mt.m.DirtyPages(i)
 		}
-		if elapsed, ok = mt.wait(t0, ms); !ok {
+		if !mt.wait(t0, ms) {
 			return
 		}
 		mt.m.Harvest()
+		elapsed = mt.elapsed(t0, ms) // to the end of the harvest, which counts what came during it
 		rate = 0
 		vcpus = make([]VcpuRate, n)
 		for i := range vcpus {
@@ -204,19 +205,21 @@ func (mt *Meter) measure(mode Mode, ms int64, samples uint64) {
 		log.Sync(bits) // like QEMU's throw-away first sync: count from here
 		clear(bits)
 		t0 := mt.clk.Now()
-		elapsed, ok = mt.wait(t0, ms)
+		ok := mt.wait(t0, ms)
 		n := uint64(log.Sync(bits))
 		log.Close()
 		if !ok {
 			return
 		}
+		elapsed = mt.elapsed(t0, ms)
 		rate = int64(((n * millisPerSecond) >> pageShiftToMiB) / uint64(elapsed))
 	default:
 		t0 := mt.clk.Now()
 		s := newSample(mt.m.Memory(), samples)
-		if elapsed, ok = mt.wait(t0, ms); !ok {
+		if !mt.wait(t0, ms) {
 			return
 		}
+		elapsed = mt.elapsed(t0, ms)
 		rate = s.rate(elapsed)
 	}
 	mt.mu.Lock()
@@ -224,16 +227,23 @@ func (mt *Meter) measure(mode Mode, ms int64, samples uint64) {
 	mt.status, mt.calcMS, mt.rate, mt.vcpus = Measured, elapsed, rate, vcpus
 }
 
-// wait sleeps until ms after t0 and returns the elapsed ms (at least ms); false on Close.
-func (mt *Meter) wait(t0 time.Time, ms int64) (int64, bool) {
+// wait sleeps until ms after t0; false on Close.
+func (mt *Meter) wait(t0 time.Time, ms int64) bool {
 	t := mt.clk.NewTimer(time.Duration(ms)*time.Millisecond - mt.clk.Now().Sub(t0))
 	select {
 	case <-mt.stop:
 		t.Stop()
-		return 0, false
+		return false
 	case <-t.C():
+		return true
 	}
-	return max(ms, mt.clk.Now().Sub(t0).Milliseconds()), true
+}
+
+// elapsed is the ms since t0, at least ms: what the measurement covered once its last
+// collection is done (on a busy host a harvest can take milliseconds, and counts the pages
+// dirtied meanwhile).
+func (mt *Meter) elapsed(t0 time.Time, ms int64) int64 {
+	return max(ms, mt.clk.Now().Sub(t0).Milliseconds())
 }
 
 // Query is query-dirty-rate; unit "" is second.
