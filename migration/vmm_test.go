@@ -105,7 +105,17 @@ func TestMigrateMachine(t *testing.T) {
 					uri := "unix:" + sockPath(t)
 					require.NoError(t, dst.MigrateIncoming(IncomingArgs{URI: &uri}))
 					require.NoError(t, src.Migrate(MigrateArgs{URI: &uri}))
-					wait(t, src.Done())
+					var throttled int64 // the highest cpu-throttle-percentage query-migrate showed
+					for watching := true; watching; {
+						select {
+						case <-src.Done():
+							watching = false
+						case <-time.After(5 * time.Millisecond):
+							if p := src.Query().CPUThrottlePercentage; p != nil {
+								throttled = max(throttled, *p)
+							}
+						}
+					}
 					wait(t, dst.IncomingDone())
 					q := src.Query()
 					require.Equal(t, StatusCompleted, q.Status, q.ErrorDesc)
@@ -122,6 +132,9 @@ func TestMigrateMachine(t *testing.T) {
 						got[i].CurrentRate = 0
 					}
 					require.Equal(t, want, got, "the limits the migration set are lifted, the user's kept")
+					if cfg.name == "auto-converge" {
+						require.EqualValues(t, 99, throttled, "the guest converged because it was throttled")
+					}
 					require.Equal(t, vmm.PostMigrate, sm.RunState())
 					require.Equal(t, vmm.Paused, dm.RunState())
 					require.True(t, string(sm.Memory()) == string(dm.Memory()), "memories differ")
