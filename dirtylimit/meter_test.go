@@ -2,6 +2,7 @@ package dirtylimit
 
 import (
 	"encoding/json"
+	"fmt"
 	"math"
 	"testing"
 	"time"
@@ -49,8 +50,6 @@ func TestCalcChecks(t *testing.T) {
 		{"mode before sample range", 4096, CalcArgs{CalcTime: 1, SamplePages: pages(1), Mode: DirtyRing}, descSampleMode},
 		{"sample-pages 127", 4096, CalcArgs{CalcTime: 1, SamplePages: pages(127)}, descSampleRange},
 		{"sample-pages 16385", 4096, CalcArgs{CalcTime: 1, SamplePages: pages(16385)}, descSampleRange},
-		{"dirty-ring without ring", 0, CalcArgs{CalcTime: 1, Mode: DirtyRing}, "mode dirty-ring is not enabled, use other method instead."},
-		{"dirty-bitmap with ring", 4096, CalcArgs{CalcTime: 1, Mode: DirtyBitmap}, "mode dirty-bitmap is not enabled, use other method instead."},
 		{"bad mode", 4096, CalcArgs{CalcTime: 1, Mode: "bogus"}, "Parameter 'mode' does not accept value 'bogus'"},
 		{"bad unit", 4096, CalcArgs{CalcTime: 1, Unit: "minute"}, "Parameter 'calc-time-unit' does not accept value 'minute'"},
 		{"50 ms", 4096, CalcArgs{CalcTime: 50, Unit: Millisecond}, ""},
@@ -58,8 +57,6 @@ func TestCalcChecks(t *testing.T) {
 		{"60 s", 4096, CalcArgs{CalcTime: 60, Unit: Second}, ""},
 		{"sample-pages 128", 4096, CalcArgs{CalcTime: 1, SamplePages: pages(128), Mode: PageSampling}, ""},
 		{"sample-pages 16384", 0, CalcArgs{CalcTime: 1, SamplePages: pages(16384)}, ""},
-		{"dirty-ring", 4096, CalcArgs{CalcTime: 1, Mode: DirtyRing}, ""},
-		{"dirty-bitmap", 0, CalcArgs{CalcTime: 1, Mode: DirtyBitmap}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mt, _, _, _ := newTestMeter(t, tc.ring)
@@ -76,6 +73,44 @@ func TestCalcChecks(t *testing.T) {
 		mt := NewMeter(newFakeMachine(1, 0), Options{Clock: newFakeClock()})
 		requireQErr(t, "mode dirty-bitmap is not enabled, use other method instead.", mt.Calc(CalcArgs{CalcTime: 1, Mode: DirtyBitmap}))
 	})
+}
+
+// Which mode a machine allows (QEMU's dirtyrate.c, and transcripts 06-calc-dirty-rate-ring /
+// -noring): dirty-ring only with a ring, dirty-bitmap only without one, page-sampling (the
+// default) on both.
+func TestCalcModeRules(t *testing.T) {
+	for _, tc := range []struct {
+		mode    Mode
+		ring    int
+		allowed bool
+	}{
+		{"", 4096, true},
+		{"", 0, true},
+		{PageSampling, 4096, true},
+		{PageSampling, 0, true},
+		{DirtyRing, 4096, true},
+		{DirtyRing, 0, false},
+		{DirtyBitmap, 4096, false},
+		{DirtyBitmap, 0, true},
+	} {
+		t.Run(fmt.Sprintf("%s/ring=%d", tc.mode, tc.ring), func(t *testing.T) {
+			mt, _, _, _ := newTestMeter(t, tc.ring)
+			err := mt.Calc(CalcArgs{CalcTime: 1, Mode: tc.mode})
+			if !tc.allowed {
+				requireQErr(t, "mode "+string(tc.mode)+" is not enabled, use other method instead.", err)
+				require.Equal(t, Unstarted, mt.Query("").Status)
+				return
+			}
+			require.NoError(t, err)
+			want := tc.mode
+			if want == "" {
+				want = PageSampling
+			}
+			info := mt.Query("")
+			require.Equal(t, Measuring, info.Status)
+			require.Equal(t, want, info.Mode)
+		})
+	}
 }
 
 func TestBusyComesFirst(t *testing.T) {
