@@ -29,6 +29,13 @@
 // behind keeps at most 50 ms of credit. The periods then only report (current-rate, and the sleep
 // per event for query-migrate).
 //
+// The meter's three modes are QEMU's, allowed where QEMU allows them: dirty-ring (with a ring
+// only) sums the pages each vCPU's ring received in the window, per vCPU; dirty-bitmap (without a
+// ring only) counts the distinct pages a dirty log collected; page-sampling (either) hashes random
+// pages before and after. Each counts from a harvest at the start to the end of the last
+// collection, so a writer sweeping more memory than it rewrites in the window gets its page rate
+// from all three.
+//
 // One event costs at most 2 s (QEMU's caps at 99 ring-full times), so a stop of the machine
 // waits at most that long for a sleeping vCPU. Any change of limits, Wake and Close cut every
 // penalty being slept short; call Wake before pausing the machine so that no sleeping vCPU
