@@ -101,7 +101,11 @@ func TestMigrateMachine(t *testing.T) {
 					}
 					require.NoError(t, src.SetCapabilities(cfg.caps))
 					require.NoError(t, src.SetParameters(setParams(t, cfg.params)))
-					time.Sleep(50 * time.Millisecond) // let the workloads dirty their regions
+					// Both writers at full speed over all of their regions (first touches are slow on KVM):
+					// otherwise a guest that has barely started converges before any throttle is needed.
+					for st := sm.WorkloadStats(); st[0].Passes < 1 || st[1].Passes < 1; st = sm.WorkloadStats() {
+						time.Sleep(time.Millisecond)
+					}
 					uri := "unix:" + sockPath(t)
 					require.NoError(t, dst.MigrateIncoming(IncomingArgs{URI: &uri}))
 					require.NoError(t, src.Migrate(MigrateArgs{URI: &uri}))
