@@ -88,18 +88,21 @@
 // Each end keeps the checksum of every page as it goes out or comes in. Pages go from guest
 // memory to the transport uncopied: one the guest changes between its checksum and its send was
 // reported dirty and goes again, and any other difference between what was summed and what
-// arrived fails the digest. At the stop, once the last sync is done, memory no longer changes:
-// the source rereads every page the final send does not carry and compares it with the checksum
-// of what was last sent of it, beside that send (on all CPUs but the sender's, and on the
-// sender's too once the rest and the vCPU state are out). A page that differs is one the guest
-// wrote without the dirty log reporting it: the migration fails, naming the first such page,
-// and the guest resumes at the source. Once the check passes the digest is that of real memory
-// at the stop, so a destination that accepts it holds every byte of it. A guest none of whose
-// vCPUs ran since the migration's dirty log opened (stopped before the migration and not
-// resumed) cannot have changed a page, and is not reread. The reread loads the cache lines of
-// the next page before it checksums one, so that a pass runs at about the speed of memory
-// rather than of one line at a time (BenchmarkMemoryDigest: about 4 times faster, some 60 ms
-// per GiB on two idle cores); BenchmarkMigrateIdle and BenchmarkMigrateMachineIdle report the
+// arrived fails the digest.
+//
+// What guards against a write the dirty log missed (scrub.go): pages that were never written
+// are holes (Machine.PopulatedPages); they go as zero runs in setup, unread, and the destination
+// punches holes for zero runs. While precopy waits for its bandwidth window, a scrub rereads the
+// pages the log calls clean against the checksum of what was last sent of them; one that differs
+// and that the next sync does not report is a write the log missed: it is logged, counted and
+// sent again. At the stop, once the last sync is done, memory no longer changes: beside the
+// final send, the source rereads populated pages the final send does not carry, from where the
+// scrub left off, for at most a quarter of downtime-limit (Config.CheckAllMemory, the daemon's
+// -memory-check all: all of them); a page that differs is sent again, and once the log has
+// missed any write the check covers all populated memory whatever it costs. A guest none of
+// whose vCPUs ran since the migration's dirty log opened cannot have changed a page and is not
+// reread. The digest hashes chunks of 4096 page checksums (refreshed between passes; a chunk of
+// zero pages is a constant), so that digesting at the stop costs what the final send touched.
 // downtime. The receiver refuses another version (a version 1 stream, whose END had the memory
 // digest alone, is refused at the header with the reason on the return path, as a version 1
 // destination refuses version 2: both ends must run the same version), a bad header checksum, a
